@@ -1,0 +1,48 @@
+"""The FastAPI application: connections made in the lifespan, routes, limits, error mapping."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.keys import KeyVerifier
+from api.limits import BodySizeLimitMiddleware
+from api.publisher import ScorePublisher
+from api.routes import scores
+from shared.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the API; connections open when the app starts and close when it stops."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # min_size=0: the API starts, and serves cached keys, while PostgreSQL is down.
+        pool = await asyncpg.create_pool(
+            settings.database_url, min_size=0, max_size=settings.db_pool_max_size
+        )
+        publisher = ScorePublisher(settings)
+        publisher.start()
+        app.state.publisher = publisher
+        app.state.verifier = KeyVerifier(
+            pool, settings.auth_cache_ttl_seconds, settings.auth_cache_max_entries
+        )
+        try:
+            yield
+        finally:
+            await publisher.close()
+            await pool.close()
+
+    app = FastAPI(
+        title="score-ingest",
+        version="0.1.0",
+        description="Durable ingestion for Weave scores.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app, settings.retry_after_seconds)
+    app.include_router(scores.router)
+    return app

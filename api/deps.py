@@ -1,0 +1,77 @@
+"""Request dependencies, each named once as an Annotated alias so routes read plainly."""
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+from fastapi.security import (
+    HTTPAuthorizationCredentials,
+    HTTPBasic,
+    HTTPBasicCredentials,
+    HTTPBearer,
+)
+
+from api.errors import Forbidden, InvalidCredentials
+from api.keys import KeyVerifier, Principal
+from api.publisher import ScorePublisher
+from shared.contract import EntityName, ProjectName
+
+_basic = HTTPBasic(
+    auto_error=False,
+    description="Any username (W&B clients send `api`); the password is the API key.",
+)
+_bearer = HTTPBearer(auto_error=False, description="The API key as a bearer token.")
+
+
+def get_publisher(request: Request) -> ScorePublisher:
+    """The app's publisher, made in the lifespan."""
+    publisher: ScorePublisher = request.app.state.publisher
+    return publisher
+
+
+def get_verifier(request: Request) -> KeyVerifier:
+    """The app's key verifier, made in the lifespan."""
+    verifier: KeyVerifier = request.app.state.verifier
+    return verifier
+
+
+PublisherDep = Annotated[ScorePublisher, Depends(get_publisher)]
+VerifierDep = Annotated[KeyVerifier, Depends(get_verifier)]
+EntityPath = Annotated[EntityName, Path(description="W&B entity (team or user) name")]
+ProjectPath = Annotated[ProjectName, Path(description="Project name within the entity")]
+
+
+async def authenticate(
+    verifier: VerifierDep,
+    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    """The principal behind the request's API key, from HTTP Basic or Bearer."""
+    if basic is not None:
+        return await verifier.verify(basic.password)
+    if bearer is not None:
+        return await verifier.verify(bearer.credentials)
+    raise InvalidCredentials("missing API key: use HTTP Basic (password) or Bearer")
+
+
+@dataclass(frozen=True)
+class ProjectScope:
+    """An entity/project from the URL that the request's key may act on."""
+
+    entity: str
+    project: str
+    principal: Principal
+
+
+async def authorize_project(
+    entity: EntityPath,
+    project: ProjectPath,
+    principal: Annotated[Principal, Depends(authenticate)],
+) -> ProjectScope:
+    """Check that the key is scoped to the URL's entity and project."""
+    if not principal.may_write(entity, project):
+        raise Forbidden(f"this API key may not write to {entity}/{project}")
+    return ProjectScope(entity, project, principal)
+
+
+ProjectScopeDep = Annotated[ProjectScope, Depends(authorize_project)]

@@ -1,0 +1,108 @@
+"""Publishing scores with publisher confirms: a score is ours only once the broker said so."""
+
+import asyncio
+import contextlib
+import logging
+
+import aio_pika
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
+
+from api.errors import BrokerUnavailable
+from shared.broker import connect_until_ready
+from shared.contract import CONTENT_TYPE, MESSAGE_TYPE, ScoreMessage
+from shared.settings import Settings
+from shared.topology import ROUTING_KEY, declare_topology
+
+log = logging.getLogger(__name__)
+
+
+def to_amqp_message(message: ScoreMessage) -> aio_pika.Message:
+    """The AMQP form of a score, as the message contract in the README describes it."""
+    return aio_pika.Message(
+        body=message.model_dump_json().encode(),
+        content_type=CONTENT_TYPE,
+        type=MESSAGE_TYPE,
+        message_id=str(message.score_id),
+        timestamp=message.created_at,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        app_id="score-ingest",
+    )
+
+
+class ScorePublisher:
+    """One robust connection and one confirming channel, shared by all in-flight requests.
+
+    aio-pika matches confirms to publishes by delivery tag, so concurrent publishes on the
+    channel wait for their own confirms without serialising on each other.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._connecting: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Begin connecting in the background; until connected, publishes answer 503."""
+        self._connecting = asyncio.create_task(self._connect_until_ready())
+        self._connecting.add_done_callback(_log_failure)
+
+    async def wait_ready(self) -> None:
+        """Wait until the first connection is up."""
+        assert self._connecting is not None, "start() first"
+        await asyncio.shield(self._connecting)
+
+    @property
+    def ready(self) -> bool:
+        """Whether a publish could be confirmed right now."""
+        return (
+            self._exchange is not None and self._channel is not None and not self._channel.is_closed
+        )
+
+    async def _connect_until_ready(self) -> None:
+        connection = await connect_until_ready(
+            self._settings.amqp_url, "score-ingest-api", self._settings.publish_timeout_seconds
+        )
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        topology = await declare_topology(channel, self._settings)
+        self._connection, self._channel = connection, channel
+        self._exchange = topology.exchange
+        log.info("publisher connected to broker")
+
+    async def publish_confirmed(self, message: ScoreMessage) -> None:
+        """Publish one score and wait for the broker's confirm; raises BrokerUnavailable."""
+        exchange = self._exchange
+        if exchange is None or not self.ready:
+            raise BrokerUnavailable("message broker is not connected")
+        try:
+            await exchange.publish(
+                to_amqp_message(message),
+                ROUTING_KEY,
+                mandatory=True,
+                timeout=self._settings.publish_timeout_seconds,
+            )
+        except PublishError as exc:  # returned as unroutable: no queue bound to the exchange
+            raise BrokerUnavailable("message broker could not route the score") from exc
+        except DeliveryError as exc:  # nacked, e.g. scores.persist is at its length limit
+            raise BrokerUnavailable("message broker refused the score (queue full)") from exc
+        except TimeoutError as exc:
+            raise BrokerUnavailable("message broker did not confirm the score in time") from exc
+        except CONNECTION_EXCEPTIONS as exc:
+            raise BrokerUnavailable("lost the connection to the message broker") from exc
+
+    async def close(self) -> None:
+        """Stop connecting and close the connection."""
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+        if self._connection is not None:
+            await self._connection.close()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        # Typically PRECONDITION_FAILED: scores.persist exists with other arguments.
+        log.error("publisher cannot set up the broker topology", exc_info=task.exception())

@@ -1,0 +1,109 @@
+"""The `score-ingest` command: run the api and the worker, migrate, declare, manage keys."""
+
+import asyncio
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import aio_pika
+import typer
+import uvicorn
+
+from api.app import create_app
+from cli import keys
+from shared.contract import message_json_schema
+from shared.db import migrate as apply_migrations
+from shared.logs import configure_logging
+from shared.settings import get_settings
+from shared.topology import declare_topology
+from worker.worker import run_worker
+
+app = typer.Typer(
+    help="score-ingest: durable ingestion of Weave scores. Settings come from the environment.",
+    no_args_is_help=True,
+)
+app.add_typer(keys.app, name="keys")
+
+
+@app.callback()
+def _setup() -> None:
+    configure_logging(get_settings().log_level)
+
+
+@app.command()
+def api(
+    host: Annotated[str | None, typer.Option(help="Interface to bind (API_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="Port to listen on (API_PORT)")] = None,
+) -> None:
+    """Serve the HTTP API."""
+    settings = get_settings()
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.api_host,
+        port=port if port is not None else settings.api_port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
+        timeout_graceful_shutdown=math.ceil(settings.publish_timeout_seconds) + 1,
+    )
+
+
+@app.command()
+def worker() -> None:
+    """Consume scores.persist and store scores in PostgreSQL."""
+    asyncio.run(run_worker(get_settings()))
+
+
+@app.command()
+def migrate() -> None:
+    """Create the database if missing and apply pending migrations."""
+    applied = asyncio.run(apply_migrations(get_settings().database_url))
+    typer.echo(f"applied migrations: {applied}" if applied else "schema is up to date")
+
+
+async def _declare() -> None:
+    settings = get_settings()
+    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    async with connection:
+        await declare_topology(await connection.channel(), settings)
+
+
+@app.command()
+def topology() -> None:
+    """Declare the exchanges, queues and bindings (idempotent)."""
+    asyncio.run(_declare())
+    typer.echo("topology declared")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the score message."""
+    typer.echo(json.dumps(message_json_schema(), indent=2))
+
+
+@app.command()
+def run() -> None:
+    """Migrate, declare the topology, then run the api and a worker until interrupted."""
+    migrate()
+    topology()
+    children = [
+        subprocess.Popen([sys.executable, "-m", "cli", "api"]),
+        subprocess.Popen([sys.executable, "-m", "cli", "worker"]),
+    ]
+
+    def stop(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # Whichever child exits first takes the other down with it.
+    while all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    stop(signal.SIGTERM, None)
+    codes = [child.wait() for child in children]
+    raise typer.Exit(next((code for code in codes if code), 0))

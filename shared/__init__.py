@@ -1,0 +1,1 @@
+"""What the API, the worker and direct publishers must agree on."""

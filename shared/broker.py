@@ -1,0 +1,36 @@
+"""Connecting to RabbitMQ the same way on both sides."""
+
+import asyncio
+import logging
+
+import aio_pika
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+log = logging.getLogger(__name__)
+
+RECONNECT_INTERVAL_SECONDS = 1.0
+_MAX_BACKOFF_SECONDS = 5.0
+
+
+async def connect_until_ready(
+    url: str, connection_name: str, attempt_seconds: float
+) -> AbstractRobustConnection:
+    """A robust connection, retrying with backoff until the broker answers.
+
+    Once made, the connection reconnects by itself and restores its channels, exchanges,
+    queues and consumers.
+    """
+    delay = 0.1
+    while True:
+        try:
+            return await aio_pika.connect_robust(
+                url,
+                timeout=attempt_seconds,
+                reconnect_interval=RECONNECT_INTERVAL_SECONDS,
+                client_properties={"connection_name": connection_name},
+            )
+        except CONNECTION_EXCEPTIONS as exc:
+            log.warning("broker not reachable (%s); retrying in %.1fs", exc, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _MAX_BACKOFF_SECONDS)

@@ -1,0 +1,191 @@
+"""The score message contract: field rules and the message both sides validate.
+
+The API validates requests with these field types, publishes `ScoreMessage`, and the worker
+validates every message it consumes with the same model, so nothing can be accepted on one
+side and refused on the other. The rules also refuse what JSON allows but PostgreSQL cannot
+store (NUL characters, lone surrogates, NaN and infinities, runaway nesting).
+"""
+
+import math
+import re
+from typing import Annotated, Any, Final
+
+from pydantic import (
+    UUID7,
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+)
+from pydantic_core import PydanticCustomError
+
+from shared.refs import InvalidRefError, parse_weave_ref
+
+MESSAGE_TYPE: Final = "score.create.v1"
+CONTENT_TYPE: Final = "application/json"
+
+MAX_NAME_CHARS: Final = 128
+MAX_ID_CHARS: Final = 256
+MAX_SCORER_CHARS: Final = 2048
+MAX_JSON_DEPTH: Final = 64
+MAX_INT_DIGITS: Final = 1000
+
+_NAME_FORBIDDEN = re.compile(r"[/\\#?%:\x00-\x1f\x7f\ud800-\udfff]")
+_TEXT_FORBIDDEN = re.compile(r"[\x00\ud800-\udfff]")
+_MAX_INT = 10**MAX_INT_DIGITS
+
+
+def _check_name(value: str) -> str:
+    if _NAME_FORBIDDEN.search(value):
+        raise PydanticCustomError(
+            "name_chars", "must not contain / \\ # ? % : or control characters"
+        )
+    return value
+
+
+def _text_problem(value: str) -> str | None:
+    match = _TEXT_FORBIDDEN.search(value)
+    if match is None:
+        return None
+    if match.group() == "\x00":
+        return "contains a NUL character (\\u0000), which PostgreSQL cannot store"
+    return "contains a lone UTF-16 surrogate, which is not valid Unicode"
+
+
+def _check_text(value: str) -> str:
+    problem = _text_problem(value)
+    if problem:
+        raise PydanticCustomError("unstorable_text", problem)
+    return value
+
+
+def _check_scorer(value: str) -> str:
+    _check_text(value)
+    try:
+        parse_weave_ref(value)
+    except InvalidRefError as exc:
+        raise PydanticCustomError(
+            "weave_ref",
+            "must be a Weave object or op reference "
+            "(weave:///<entity>/<project>/object|op/<name>:<digest>): {reason}",
+            {"reason": str(exc)},
+        ) from None
+    return value
+
+
+class _Unstorable(Exception):
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(problem)
+        self.path = path
+        self.problem = problem
+
+
+def _walk(value: Any, depth: int) -> None:
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        problem = _text_problem(value)
+        if problem:
+            raise _Unstorable("", f"string {problem}")
+    elif isinstance(value, int):
+        if not -_MAX_INT < value < _MAX_INT:
+            raise _Unstorable("", f"integer has more than {MAX_INT_DIGITS} digits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise _Unstorable("", "NaN and infinite numbers are not JSON and cannot be stored")
+    elif isinstance(value, dict | list):
+        if depth >= MAX_JSON_DEPTH:
+            raise _Unstorable("", f"nested deeper than {MAX_JSON_DEPTH} levels")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                problem = _text_problem(key)
+                if problem:
+                    raise _Unstorable(f"[{key!r}]", f"object key {problem}")
+            try:
+                _walk(item, depth + 1)
+            except _Unstorable as exc:
+                exc.path = f"[{key!r}]{exc.path}"
+                raise
+    else:
+        raise _Unstorable("", f"{type(value).__name__} is not a JSON value")
+
+
+def _check_storable_json(value: Any) -> Any:
+    try:
+        _walk(value, 0)
+    except _Unstorable as exc:
+        raise PydanticCustomError(
+            "unstorable_json",
+            "value{path}: {problem}",
+            {"path": exc.path, "problem": exc.problem},
+        ) from None
+    return value
+
+
+EntityName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
+    AfterValidator(_check_name),
+    Field(description="W&B entity (team or user) name"),
+]
+ProjectName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
+    AfterValidator(_check_name),
+    Field(description="Project name within the entity"),
+]
+Identifier = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_ID_CHARS),
+    AfterValidator(_check_text),
+]
+ScorerRef = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_SCORER_CHARS),
+    AfterValidator(_check_scorer),
+    Field(
+        description="The scorer reference (weave:// URI)",
+        json_schema_extra={"pattern": r"^weave:///[^/]+/[^/]+/(object|op)/[^/:]+:[^/:]+(/.*)?$"},
+    ),
+]
+StorableJson = Annotated[
+    Any,
+    AfterValidator(_check_storable_json),
+    Field(
+        description=(
+            "The raw output of the scorer: any JSON value PostgreSQL jsonb can store "
+            f"(no NUL characters, finite numbers, nested at most {MAX_JSON_DEPTH} levels)"
+        )
+    ),
+]
+
+
+class ScoreMessage(BaseModel):
+    """Body of a `score.create.v1` message on exchange `scores`, routing key `score.create`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="ScoreMessage")
+
+    score_id: UUID7 = Field(description="UUIDv7 assigned by the API (or the publisher)")
+    entity: EntityName
+    project: ProjectName
+    prediction_id: Identifier = Field(description="The prediction ID")
+    scorer: ScorerRef
+    value: StorableJson
+    evaluation_run_id: Identifier | None = Field(
+        default=None, description="Optional evaluation run ID to link this score to"
+    )
+    created_at: AwareDatetime = Field(description="When the API accepted the score (UTC)")
+    created_by: Identifier = Field(description="Id of the API key that created the score")
+
+
+def message_json_schema() -> dict[str, Any]:
+    """The JSON Schema of ScoreMessage, as shipped in shared/score-message.schema.json."""
+    schema = ScoreMessage.model_json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://score-ingest/schemas/score.create.v1.json",
+        **schema,
+    }

@@ -1,0 +1,44 @@
+"""One Settings class, read from the environment; every variable is documented in the README."""
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """score-ingest configuration, from environment variables of the same name (upper case)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/score_ingest"
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=MIB, ge=1024)
+    publish_timeout_seconds: float = Field(default=5.0, gt=0)
+    retry_after_seconds: int = Field(default=1, ge=1)
+    auth_cache_ttl_seconds: float = Field(default=30.0, ge=0)
+    auth_cache_max_entries: int = Field(default=10_000, ge=1)
+    db_pool_max_size: int = Field(default=10, ge=1)
+
+    worker_prefetch: int = Field(default=2000, ge=1)
+    worker_batch_size: int = Field(default=500, ge=1)
+    worker_flush_interval_seconds: float = Field(default=0.02, ge=0)
+    worker_retry_max_seconds: float = Field(default=5.0, gt=0)
+    worker_shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+
+    queue_max_length: int = Field(default=5_000_000, ge=1)
+    queue_max_length_bytes: int = Field(default=4 * 1024 * MIB, ge=MIB)
+    queue_delivery_limit: int = Field(default=20, ge=1)
+
+    log_level: str = "INFO"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

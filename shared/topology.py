@@ -1,0 +1,62 @@
+"""The broker topology: a public contract that direct publishers rely on.
+
+Exchange `scores` (topic) routes `score.create` to quorum queue `scores.persist`, whose dead
+letters go through exchange `scores.dlx` to quorum queue `scores.dead`. Declaring is
+idempotent; queue arguments cannot change once a queue exists (RabbitMQ refuses the
+declaration with PRECONDITION_FAILED), so changing them means draining and deleting it.
+"""
+
+from dataclasses import dataclass
+from typing import Final
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from pamqp.common import FieldTable
+
+from shared.settings import Settings
+
+EXCHANGE: Final = "scores"
+ROUTING_KEY: Final = "score.create"
+QUEUE: Final = "scores.persist"
+DEAD_LETTER_EXCHANGE: Final = "scores.dlx"
+DEAD_LETTER_QUEUE: Final = "scores.dead"
+
+
+def persist_queue_arguments(settings: Settings) -> FieldTable:
+    """Arguments of `scores.persist`: quorum, bounded, at-least-once dead-lettering."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-max-length": settings.queue_max_length,
+        "x-max-length-bytes": settings.queue_max_length_bytes,
+        "x-delivery-limit": settings.queue_delivery_limit,
+    }
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Handles to the declared exchanges and queues, on the channel that declared them."""
+
+    exchange: AbstractExchange
+    dead_letter_exchange: AbstractExchange
+    queue: AbstractQueue
+    dead_letter_queue: AbstractQueue
+
+
+async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
+    """Declare exchanges, queues and bindings; safe to run any number of times."""
+    exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    dead_letter_exchange = await channel.declare_exchange(
+        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    dead = await channel.declare_queue(
+        DEAD_LETTER_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead.bind(dead_letter_exchange, routing_key="#")
+    persist = await channel.declare_queue(
+        QUEUE, durable=True, arguments=persist_queue_arguments(settings)
+    )
+    await persist.bind(exchange, routing_key=ROUTING_KEY)
+    return Topology(exchange, dead_letter_exchange, persist, dead)

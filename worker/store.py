@@ -1,0 +1,58 @@
+"""Writing scores to PostgreSQL, idempotently, a batch per statement."""
+
+from collections.abc import Sequence
+
+import asyncpg
+from pydantic_core import to_json
+
+from shared.contract import ScoreMessage
+from worker import sql
+
+_INSERT_TIMEOUT_SECONDS = 60
+
+
+class StorageRejected(Exception):
+    """PostgreSQL refused the data itself; retrying the same rows cannot succeed."""
+
+
+# Errors caused by the rows, not by the database being unavailable.
+_DATA_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
+
+
+class ScoreStore:
+    """The scores table, behind a connection pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def persist_batch(self, scores: Sequence[ScoreMessage]) -> int:
+        """Insert scores in one transaction; returns how many were new (not duplicates)."""
+        columns: tuple[list[object], ...] = tuple([] for _ in range(9))
+        for score in scores:
+            for column, value in zip(
+                columns,
+                (
+                    score.score_id,
+                    score.entity,
+                    score.project,
+                    score.prediction_id,
+                    score.scorer,
+                    to_json(score.value).decode(),
+                    score.evaluation_run_id,
+                    score.created_at,
+                    score.created_by,
+                ),
+                strict=True,
+            ):
+                column.append(value)
+        try:
+            status = await self._pool.execute(
+                sql.INSERT_SCORES, *columns, timeout=_INSERT_TIMEOUT_SECONDS
+            )
+        except _DATA_ERRORS as exc:
+            raise StorageRejected(str(exc)) from exc
+        return int(status.rsplit(" ", 1)[-1])

@@ -1,0 +1,246 @@
+"""The worker: consume scores.persist, store batches idempotently, ack after commit."""
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+
+import aio_pika
+import asyncpg
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
+
+from shared.broker import connect_until_ready
+from shared.contract import ScoreMessage
+from shared.dead_letters import (
+    DETAIL_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    TIME_HEADER,
+    DeadLetterReason,
+)
+from shared.settings import Settings
+from shared.topology import QUEUE, ROUTING_KEY, declare_topology
+from worker.decode import PoisonMessage, decode_score
+from worker.store import ScoreStore, StorageRejected
+
+log = logging.getLogger(__name__)
+
+_Decoded = tuple[AbstractIncomingMessage, ScoreMessage]
+
+
+class ScoreWorker:
+    """One consumer of scores.persist with an explicit life cycle.
+
+    `run()` connects, consumes and stores batches until `request_stop()`; then it cancels
+    the consumer, stores and acks what it already holds, and closes. Messages are acked
+    only after the transaction that stored them committed, so a crash at any point leaves
+    them in the queue for redelivery, where the primary key turns them into no-ops.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        # None is the stop signal; the prefetch window bounds how much can queue up here.
+        self._inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        self._stopping = False
+        self._connection: AbstractRobustConnection | None = None
+        self._pool: asyncpg.Pool | None = None
+        self._store: ScoreStore | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._dead_letter_exchange: AbstractExchange | None = None
+        self.persisted = 0
+        self.duplicates = 0
+
+    def request_stop(self) -> None:
+        """Stop consuming, finish the batch in hand, then return from run()."""
+        if not self._stopping:
+            self._stopping = True
+            self._inbox.put_nowait(None)
+
+    async def run(self) -> None:
+        """Consume and store until stopped."""
+        try:
+            await self._start()
+            while not self._stopping:
+                await self._handle(await self._collect_batch())
+            await self._stop_consuming()
+            leftovers = [m for m in self._drain_inbox() if m is not None]
+            await self._handle(leftovers)
+        finally:
+            await self._close()
+
+    async def _start(self) -> None:
+        settings = self._settings
+        # min_size=0: the worker starts, and keeps its messages, while PostgreSQL is down.
+        self._pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=2)
+        self._store = ScoreStore(self._pool)
+        self._connection = await connect_until_ready(
+            settings.amqp_url, "score-ingest-worker", settings.publish_timeout_seconds
+        )
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=settings.worker_prefetch)
+        topology = await declare_topology(channel, settings)
+        dead_letter_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        self._dead_letter_exchange = await dead_letter_channel.get_exchange(
+            topology.dead_letter_exchange.name
+        )
+        self._queue = topology.queue
+        self._consumer_tag = await self._queue.consume(self._inbox.put)
+        log.info("worker consuming %s", QUEUE)
+
+    async def _collect_batch(self) -> list[AbstractIncomingMessage]:
+        """Wait for one message, then take more until the batch is full or the interval ends."""
+        first = await self._inbox.get()
+        if first is None:
+            return []
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.worker_flush_interval_seconds
+        while len(batch) < self._settings.worker_batch_size:
+            if self._inbox.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    message = await asyncio.wait_for(self._inbox.get(), remaining)
+                except TimeoutError:
+                    break
+            else:
+                message = self._inbox.get_nowait()
+            if message is None:
+                break
+            batch.append(message)
+        return batch
+
+    def _drain_inbox(self) -> list[AbstractIncomingMessage | None]:
+        drained = []
+        while not self._inbox.empty():
+            drained.append(self._inbox.get_nowait())
+        return drained
+
+    async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
+        decoded: list[_Decoded] = []
+        for message in batch:
+            try:
+                decoded.append((message, decode_score(message)))
+            except PoisonMessage as poison:
+                await self._dead_letter(message, poison)
+        if decoded:
+            await self._persist(decoded)
+
+    async def _persist(self, decoded: list[_Decoded]) -> None:
+        assert self._store is not None
+        delay = 0.1
+        while True:
+            try:
+                inserted = await self._store.persist_batch([score for _, score in decoded])
+            except StorageRejected as exc:
+                if len(decoded) == 1:
+                    rejected = PoisonMessage(DeadLetterReason.STORAGE_REJECTED, str(exc))
+                    await self._dead_letter(decoded[0][0], rejected)
+                    return
+                # Find the rows PostgreSQL refuses without holding back the others.
+                for item in decoded:
+                    await self._persist([item])
+                return
+            except Exception as exc:  # any other failure is the database's, not the data's
+                log.warning(
+                    "storing %d scores failed (%s); retrying in %.1fs", len(decoded), exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._settings.worker_retry_max_seconds)
+                continue
+            self.persisted += inserted
+            self.duplicates += len(decoded) - inserted
+            for message, _ in decoded:
+                await _settle(message.ack())
+            return
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, poison: PoisonMessage) -> None:
+        """Publish a copy with the reason to scores.dlx, then ack; reject if that fails."""
+        assert self._dead_letter_exchange is not None
+        log.warning("dead-lettering message %s: %s", message.message_id, poison)
+        headers = dict(message.headers or {})
+        headers.update(
+            {
+                REASON_HEADER: poison.reason.value,
+                DETAIL_HEADER: poison.detail,
+                TIME_HEADER: datetime.now(UTC).isoformat(),
+                QUEUE_HEADER: QUEUE,
+            }
+        )
+        copy = aio_pika.Message(
+            body=message.body,
+            headers=headers,
+            content_type=message.content_type,
+            type=message.type,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            app_id=message.app_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await self._dead_letter_exchange.publish(
+                copy,
+                message.routing_key or ROUTING_KEY,
+                mandatory=True,
+                timeout=self._settings.publish_timeout_seconds,
+            )
+        except (TimeoutError, DeliveryError, *CONNECTION_EXCEPTIONS) as exc:
+            # The broker's own dead-lettering still takes it to scores.dead, without our reason.
+            log.warning("could not publish dead letter (%s); rejecting instead", exc)
+            await _settle(message.reject(requeue=False))
+            return
+        await _settle(message.ack())
+
+    async def _stop_consuming(self) -> None:
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except CONNECTION_EXCEPTIONS as exc:
+                log.warning("could not cancel the consumer cleanly: %s", exc)
+
+    async def _close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        if self._pool is not None:
+            await self._pool.close()
+        log.info("worker stopped: %d persisted, %d duplicates", self.persisted, self.duplicates)
+
+
+async def _settle(action: Awaitable[None]) -> None:
+    try:
+        await action
+    except CONNECTION_EXCEPTIONS as exc:
+        # The channel is gone, so the broker redelivers the message; storing it again is a no-op.
+        log.warning("could not settle a message (%s); it will be redelivered", exc)
+
+
+async def run_worker(settings: Settings) -> None:
+    """Run a worker until SIGTERM or SIGINT, then shut down within the grace period."""
+    worker = ScoreWorker(settings)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def on_signal() -> None:
+        log.info("stop requested; finishing the batch in hand")
+        worker.request_stop()
+        # Past the grace period (say, PostgreSQL still down), leave unacked messages to the broker.
+        loop.call_later(settings.worker_shutdown_grace_seconds, task.cancel)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal)
+    try:
+        await worker.run()
+    except asyncio.CancelledError:
+        log.warning("shutdown grace period over; unacked messages return to the queue")
