@@ -89,9 +89,10 @@ def run() -> None:
     """Migrate, declare the topology, then run the api and a worker until interrupted."""
     migrate()
     topology()
+    # Own sessions: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
     children = [
-        subprocess.Popen([sys.executable, "-m", "cli", "api"]),
-        subprocess.Popen([sys.executable, "-m", "cli", "worker"]),
+        subprocess.Popen([sys.executable, "-m", "cli", role], start_new_session=True)  # noqa: S603
+        for role in ("api", "worker")
     ]
 
     def stop(signum: int, _frame: object) -> None:
@@ -106,4 +107,6 @@ def run() -> None:
         time.sleep(0.2)
     stop(signal.SIGTERM, None)
     codes = [child.wait() for child in children]
-    raise typer.Exit(next((code for code in codes if code), 0))
+    # uvicorn re-raises the stop signal after a clean shutdown, so dying of it is a clean exit.
+    failed = [code for code in codes if code not in (0, -signal.SIGINT, -signal.SIGTERM)]
+    raise typer.Exit(failed[0] if failed else 0)

@@ -125,22 +125,30 @@ def _check_storable_json(value: Any) -> Any:
     return value
 
 
+_NAME_PATTERN = r"^[^/\\#?%:\u0000-\u001f\u007f]+$"
+_TEXT_PATTERN = r"^[^\u0000]+$"
+
 EntityName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
     AfterValidator(_check_name),
-    Field(description="W&B entity (team or user) name"),
+    Field(
+        description="W&B entity (team or user) name", json_schema_extra={"pattern": _NAME_PATTERN}
+    ),
 ]
 ProjectName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
     AfterValidator(_check_name),
-    Field(description="Project name within the entity"),
+    Field(
+        description="Project name within the entity", json_schema_extra={"pattern": _NAME_PATTERN}
+    ),
 ]
 Identifier = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_ID_CHARS),
     AfterValidator(_check_text),
+    Field(json_schema_extra={"pattern": _TEXT_PATTERN}),
 ]
 ScorerRef = Annotated[
     str,
@@ -186,6 +194,6 @@ def message_json_schema() -> dict[str, Any]:
     schema = ScoreMessage.model_json_schema()
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "https://score-ingest/schemas/score.create.v1.json",
+        "$id": "urn:score-ingest:message:score.create.v1",
         **schema,
     }
