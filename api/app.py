@@ -13,6 +13,8 @@ from api.publisher import ScorePublisher
 from api.routes import scores
 from shared.settings import Settings, get_settings
 
+_CONNECT_TIMEOUT_SECONDS = 5
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API; connections open when the app starts and close when it stops."""
@@ -22,10 +24,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # min_size=0: the API starts, and serves cached keys, while PostgreSQL is down.
         pool = await asyncpg.create_pool(
-            settings.database_url, min_size=0, max_size=settings.db_pool_max_size
+            settings.database_url,
+            min_size=0,
+            max_size=settings.db_pool_max_size,
+            timeout=_CONNECT_TIMEOUT_SECONDS,
         )
         publisher = ScorePublisher(settings)
         publisher.start()
+        app.state.settings = settings
+        app.state.pool = pool
         app.state.publisher = publisher
         app.state.verifier = KeyVerifier(
             pool, settings.auth_cache_ttl_seconds, settings.auth_cache_max_entries
@@ -42,7 +49,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Durable ingestion for Weave scores.",
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        max_batch_bytes=settings.max_batch_body_bytes,
+    )
     install_error_handlers(app, settings.retry_after_seconds)
     app.include_router(scores.router)
     return app

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Annotated
 
+import asyncpg
 from fastapi import Depends, Path, Request
 from fastapi.security import (
     HTTPAuthorizationCredentials,
@@ -15,12 +16,25 @@ from api.errors import Forbidden, InvalidCredentials
 from api.keys import KeyVerifier, Principal
 from api.publisher import ScorePublisher
 from shared.contract import EntityName, ProjectName
+from shared.settings import Settings
 
 _basic = HTTPBasic(
     auto_error=False,
     description="Any username (W&B clients send `api`); the password is the API key.",
 )
 _bearer = HTTPBearer(auto_error=False, description="The API key as a bearer token.")
+
+
+def get_settings(request: Request) -> Settings:
+    """The settings the app was made with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_pool(request: Request) -> asyncpg.Pool:
+    """The app's PostgreSQL pool, made in the lifespan."""
+    pool: asyncpg.Pool = request.app.state.pool
+    return pool
 
 
 def get_publisher(request: Request) -> ScorePublisher:
@@ -35,6 +49,8 @@ def get_verifier(request: Request) -> KeyVerifier:
     return verifier
 
 
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
 PublisherDep = Annotated[ScorePublisher, Depends(get_publisher)]
 VerifierDep = Annotated[KeyVerifier, Depends(get_verifier)]
 EntityPath = Annotated[EntityName, Path(description="W&B entity (team or user) name")]
@@ -69,8 +85,8 @@ async def authorize_project(
     principal: Annotated[Principal, Depends(authenticate)],
 ) -> ProjectScope:
     """Check that the key is scoped to the URL's entity and project."""
-    if not principal.may_write(entity, project):
-        raise Forbidden(f"this API key may not write to {entity}/{project}")
+    if not principal.may_access(entity, project):
+        raise Forbidden(f"this API key is not scoped to {entity}/{project}")
     return ProjectScope(entity, project, principal)
 
 

@@ -1,10 +1,15 @@
 """The API's failure kinds, and the one place they become HTTP responses."""
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
+
+from shared.db import DATABASE_UNAVAILABLE
 
 WWW_AUTHENTICATE = 'Basic realm="score-ingest", Bearer realm="score-ingest"'
 
@@ -21,6 +26,10 @@ class ApiError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers."""
         return {}
+
+    def content(self) -> Any:
+        """The JSON body."""
+        return {"detail": self.detail}
 
 
 class InvalidCredentials(ApiError):
@@ -39,8 +48,32 @@ class Forbidden(ApiError):
     status_code = status.HTTP_403_FORBIDDEN
 
 
+class NotFound(ApiError):
+    """No such score in this project."""
+
+    status_code = status.HTTP_404_NOT_FOUND
+
+
+class IdempotencyKeyReused(ApiError):
+    """The Idempotency-Key was first used with a different request body."""
+
+    status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
+
+    def content(self) -> Any:
+        """Shaped like any other validation error, pointing at the header."""
+        return {
+            "detail": [
+                {
+                    "loc": ["header", "Idempotency-Key"],
+                    "msg": self.detail,
+                    "type": "idempotency_key_reused",
+                }
+            ]
+        }
+
+
 class ServiceUnavailable(ApiError):
-    """We cannot promise durability right now; the client should retry."""
+    """We cannot do it right now; the client should retry after Retry-After."""
 
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
 
@@ -49,35 +82,49 @@ class AuthBackendUnavailable(ServiceUnavailable):
     """The key is not cached and the database that knows it is unreachable."""
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """PostgreSQL cannot be reached for a read, a delete or an Idempotency-Key."""
+
+
 class BrokerUnavailable(ServiceUnavailable):
     """The broker did not confirm the score: unreachable, refused, or too slow."""
 
 
-def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
-    """Map ApiError subclasses to JSON responses `{"detail": ...}`; 503s carry Retry-After."""
+@contextmanager
+def database_unavailable_as_503() -> Iterator[None]:
+    """Turn a lost or refused database connection into DatabaseUnavailable."""
+    try:
+        yield
+    except DATABASE_UNAVAILABLE as exc:
+        raise DatabaseUnavailable("database unavailable, retry later") from exc
 
-    async def handle(_: Request, exc: Exception) -> JSONResponse:
+
+def _json(content: Any, status_code: int, headers: dict[str, str] | None = None) -> Response:
+    # ASCII-escaped JSON can carry anything a message holds, lone surrogates included.
+    return Response(
+        json.dumps(content), status_code=status_code, headers=headers, media_type="application/json"
+    )
+
+
+def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
+    """Map ApiError subclasses and validation errors to JSON; 503s carry Retry-After."""
+
+    async def api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
         headers = exc.headers()
         if isinstance(exc, ServiceUnavailable):
             headers["Retry-After"] = str(retry_after_seconds)
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=headers)
+        return _json(exc.content(), exc.status_code, headers)
 
-    app.add_exception_handler(ApiError, handle)
-    app.add_exception_handler(RequestValidationError, _validation_failed)
+    async def validation_failed(_: Request, exc: Exception) -> Response:
+        # FastAPI's default handler echoes the offending input, which may itself be what
+        # JSON cannot encode (NaN); loc, msg and type say all that is needed.
+        assert isinstance(exc, RequestValidationError)
+        detail = [
+            {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+            for error in exc.errors()
+        ]
+        return _json({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
-
-async def _validation_failed(_: Request, exc: Exception) -> Response:
-    # FastAPI's default handler echoes the offending input, which may itself be what JSON
-    # cannot encode (NaN, lone surrogates); loc, msg and type say all that is needed, and
-    # ASCII-escaped JSON can carry any of them.
-    assert isinstance(exc, RequestValidationError)
-    detail = [
-        {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
-        for error in exc.errors()
-    ]
-    return Response(
-        json.dumps({"detail": detail}),
-        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-        media_type="application/json",
-    )
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_failed)

@@ -20,20 +20,11 @@ import asyncpg
 
 from api import sql
 from api.errors import AuthBackendUnavailable, InvalidCredentials
+from shared.db import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
 _KEY_PATTERN = re.compile(r"si_([0-9a-f]{16})_[A-Za-z0-9_-]{43}")
-
-# What makes the database unreachable, as opposed to a bug in our SQL.
-DATABASE_UNAVAILABLE = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.OperatorInterventionError,
-)
 
 
 @dataclass(frozen=True)
@@ -44,7 +35,7 @@ class Principal:
     entity: str
     projects: frozenset[str] | None
 
-    def may_write(self, entity: str, project: str) -> bool:
+    def may_access(self, entity: str, project: str) -> bool:
         """Whether this key is scoped to entity/project."""
         return entity == self.entity and (self.projects is None or project in self.projects)
 

@@ -6,20 +6,25 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodySizeLimitMiddleware:
-    """Answer 413 to any request whose body exceeds max_bytes, declared or streamed."""
+    """Answer 413 to any request whose body exceeds its limit, declared or streamed.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Batch requests (paths ending in /batch) get their own, larger limit.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, max_batch_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.max_batch_bytes = max_batch_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Buffer the body up to the limit, then hand it on as one message."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.max_batch_bytes if scope["path"].endswith("/batch") else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._too_large(send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
             return
         chunks: list[bytes] = []
         size = 0
@@ -31,30 +36,31 @@ class BodySizeLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_bytes:
-                await self._too_large(send)
+            if size > limit:
+                await _too_large(send, limit)
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([body], receive), send)
 
-    async def _too_large(self, send: Send) -> None:
-        body = json.dumps(
-            {"detail": f"request body is larger than the limit of {self.max_bytes} bytes"}
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = json.dumps(
+        {"detail": f"request body is larger than the limit of {limit} bytes"}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _replay(messages: list[Message], receive: Receive) -> Receive:

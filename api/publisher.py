@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
@@ -91,6 +92,19 @@ class ScorePublisher:
             raise BrokerUnavailable("message broker did not confirm the score in time") from exc
         except CONNECTION_EXCEPTIONS as exc:
             raise BrokerUnavailable("lost the connection to the message broker") from exc
+
+    async def publish_all_confirmed(self, messages: Sequence[ScoreMessage]) -> None:
+        """Publish many scores at once; returns when all are confirmed, else raises the first error.
+
+        Every publish is awaited to its end even when one fails, so no confirm is left
+        pending when the caller answers.
+        """
+        outcomes = await asyncio.gather(
+            *(self.publish_confirmed(message) for message in messages), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def close(self) -> None:
         """Stop connecting and close the connection."""

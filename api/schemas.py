@@ -1,5 +1,7 @@
 """Request and response bodies of the scores endpoints, named as in the Weave service API."""
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 from shared.contract import Identifier, ScorerRef, StorableJson
@@ -30,3 +32,43 @@ class ErrorRes(BaseModel):
     """Any error other than a validation error."""
 
     detail: str = Field(description="What went wrong")
+
+
+MAX_BATCH_ITEMS = 1000
+MAX_DELETE_IDS = 1000
+DEFAULT_LIST_LIMIT = 10_000
+MAX_LIST_LIMIT = 1_000_000
+
+
+class ScoreReadRes(BaseModel):
+    """A stored score, as read and listed."""
+
+    score_id: str = Field(description="The score ID")
+    scorer: str = Field(description="The scorer reference (weave:// URI)")
+    value: Any = Field(description="The raw output of the scorer")
+    evaluation_run_id: str | None = Field(
+        default=None, description="Evaluation run ID if this score is linked to one"
+    )
+    wb_user_id: str | None = Field(
+        default=None, description="Who created the score: the id of the API key used"
+    )
+
+
+class ScoreDeleteRes(BaseModel):
+    """How many stored scores a delete removed."""
+
+    num_deleted: int = Field(description="Number of scores deleted")
+
+
+class ScoreBatchCreateBody(BaseModel):
+    """Many scores in one request: all are accepted, or none."""
+
+    scores: list[ScoreCreateBody] = Field(
+        min_length=1, max_length=MAX_BATCH_ITEMS, description="The scores, at most 1000"
+    )
+
+
+class ScoreBatchCreateRes(BaseModel):
+    """The ids of the batch's scores, in request order, all confirmed by the broker."""
+
+    score_ids: list[str] = Field(description="Score IDs in the order of the request")

@@ -1,9 +1,16 @@
-"""What the API decides: turning an accepted request into a confirmed score message."""
+"""What the API decides: accepted requests become confirmed messages; reads and deletes."""
 
+import hashlib
+import json
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
+import asyncpg
+
+from api import repository
 from api.deps import ProjectScope
+from api.errors import IdempotencyKeyReused, NotFound, database_unavailable_as_503
 from api.publisher import ScorePublisher
 from api.schemas import ScoreCreateBody
 from shared.contract import ScoreMessage
@@ -27,10 +34,79 @@ def score_message(scope: ProjectScope, body: ScoreCreateBody) -> ScoreMessage:
     )
 
 
-async def create_score(
-    publisher: ScorePublisher, scope: ProjectScope, body: ScoreCreateBody
-) -> UUID:
-    """Publish one score and return its id once the broker has confirmed it."""
-    message = score_message(scope, body)
-    await publisher.publish_confirmed(message)
-    return message.score_id
+def _request_hash(kind: str, bodies: Sequence[ScoreCreateBody]) -> bytes:
+    canonical = json.dumps(
+        [kind, [body.model_dump(mode="json") for body in bodies]],
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).digest()
+
+
+async def create_scores(
+    publisher: ScorePublisher,
+    pool: asyncpg.Pool,
+    scope: ProjectScope,
+    bodies: Sequence[ScoreCreateBody],
+    *,
+    kind: str,
+    idempotency_key: str | None,
+    idempotency_ttl_seconds: float,
+) -> list[UUID]:
+    """Publish scores and return their ids once the broker has confirmed every one.
+
+    With an Idempotency-Key, the ids are those recorded at the key's first use, so a retry
+    republishes the same scores (which the worker stores once) instead of new ones.
+    """
+    messages = [score_message(scope, body) for body in bodies]
+    if idempotency_key is not None:
+        request_hash = _request_hash(kind, bodies)
+        with database_unavailable_as_503():
+            stored_hash, score_ids = await repository.claim_idempotency_key(
+                pool,
+                scope.entity,
+                scope.project,
+                idempotency_key,
+                request_hash,
+                [message.score_id for message in messages],
+                idempotency_ttl_seconds,
+            )
+        if stored_hash != request_hash:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was already used with a different request body"
+            )
+        messages = [
+            message.model_copy(update={"score_id": score_id})
+            for message, score_id in zip(messages, score_ids, strict=True)
+        ]
+    await publisher.publish_all_confirmed(messages)
+    return [message.score_id for message in messages]
+
+
+async def read_score(pool: asyncpg.Pool, scope: ProjectScope, score_id: UUID) -> bytes:
+    """A stored score of the project as JSON; NotFound otherwise."""
+    with database_unavailable_as_503():
+        found = await repository.read_score(pool, scope.entity, scope.project, score_id)
+    if found is None:
+        raise NotFound(f"no score {score_id} in {scope.entity}/{scope.project}")
+    return found
+
+
+async def list_scores(
+    pool: asyncpg.Pool,
+    scope: ProjectScope,
+    evaluation_run_id: str | None,
+    limit: int,
+    offset: int,
+) -> AsyncIterator[bytes]:
+    """The project's scores as JSON Lines, streamed from the database."""
+    with database_unavailable_as_503():
+        return await repository.open_score_stream(
+            pool, scope.entity, scope.project, evaluation_run_id, limit, offset
+        )
+
+
+async def delete_scores(pool: asyncpg.Pool, scope: ProjectScope, score_ids: Sequence[UUID]) -> int:
+    """Delete scores for good; returns how many stored rows went."""
+    with database_unavailable_as_503():
+        return await repository.delete_scores(pool, scope.entity, scope.project, score_ids)

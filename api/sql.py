@@ -24,3 +24,52 @@ SELECT key_id, secret_hash, entity, projects, revoked_at IS NOT NULL AS revoked
 FROM api_keys
 WHERE key_id = $1
 """
+
+READ_SCORE = """
+SELECT score_id, scorer, value::text AS value, evaluation_run_id, created_by
+FROM scores
+WHERE entity = $1 AND project = $2 AND score_id = $3
+"""
+
+# Creation order is score_id order: score ids are UUIDv7.
+LIST_SCORES = """
+SELECT score_id, scorer, value::text AS value, evaluation_run_id, created_by
+FROM scores
+WHERE entity = $1 AND project = $2 AND ($3::text IS NULL OR evaluation_run_id = $3)
+ORDER BY score_id
+LIMIT $4 OFFSET $5
+"""
+
+# Exclusive per-project lock; inserts take it shared (worker/sql.py).
+LOCK_PROJECT_EXCLUSIVE = "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))"
+
+INSERT_TOMBSTONES = """
+INSERT INTO score_tombstones (entity, project, score_id)
+SELECT $1, $2, unnest($3::uuid[])
+ON CONFLICT DO NOTHING
+"""
+
+DELETE_SCORES = """
+DELETE FROM scores WHERE entity = $1 AND project = $2 AND score_id = ANY($3::uuid[])
+"""
+
+# Records the key unless it exists and has not expired; either way returns the stored ids
+# and request hash. Run again when it returns nothing: a concurrent first use committed
+# after this statement's snapshot was taken.
+CLAIM_IDEMPOTENCY_KEY = """
+WITH claimed AS (
+    INSERT INTO idempotency_keys (entity, project, idempotency_key, request_hash, score_ids)
+    VALUES ($1, $2, $3, $4, $5::uuid[])
+    ON CONFLICT (entity, project, idempotency_key) DO UPDATE
+        SET request_hash = excluded.request_hash,
+            score_ids = excluded.score_ids,
+            created_at = now()
+        WHERE idempotency_keys.created_at < now() - make_interval(secs => $6)
+    RETURNING request_hash, score_ids
+)
+SELECT request_hash, score_ids FROM claimed
+UNION ALL
+SELECT request_hash, score_ids FROM idempotency_keys
+WHERE entity = $1 AND project = $2 AND idempotency_key = $3
+  AND NOT EXISTS (SELECT 1 FROM claimed)
+"""

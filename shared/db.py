@@ -9,6 +9,16 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
+# What makes the database unreachable, as opposed to a bug in our SQL or bad data.
+DATABASE_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.OperatorInterventionError,
+)
+
 # Any constant works; it only has to be the same in every process that migrates.
 _MIGRATION_LOCK_KEY = 0x5C0BE1
 _CREATE_MIGRATIONS_TABLE = """

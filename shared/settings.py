@@ -19,11 +19,13 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
     max_body_bytes: int = Field(default=MIB, ge=1024)
+    max_batch_body_bytes: int = Field(default=16 * MIB, ge=1024)
     publish_timeout_seconds: float = Field(default=5.0, gt=0)
     retry_after_seconds: int = Field(default=1, ge=1)
     auth_cache_ttl_seconds: float = Field(default=30.0, ge=0)
     auth_cache_max_entries: int = Field(default=10_000, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
+    idempotency_key_ttl_seconds: float = Field(default=24 * 3600, gt=0)
 
     worker_prefetch: int = Field(default=2000, ge=1)
     worker_batch_size: int = Field(default=500, ge=1)

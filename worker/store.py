@@ -30,7 +30,7 @@ class ScoreStore:
         self._pool = pool
 
     async def persist_batch(self, scores: Sequence[ScoreMessage]) -> int:
-        """Insert scores in one transaction; returns how many were new (not duplicates)."""
+        """Insert scores in one transaction; returns how many were stored (new, not deleted)."""
         columns: tuple[list[object], ...] = tuple([] for _ in range(9))
         for score in scores:
             for column, value in zip(
@@ -50,9 +50,23 @@ class ScoreStore:
             ):
                 column.append(value)
         try:
-            status = await self._pool.execute(
-                sql.INSERT_SCORES, *columns, timeout=_INSERT_TIMEOUT_SECONDS
-            )
+            async with self._pool.acquire() as conn, conn.transaction():
+                await conn.execute(sql.LOCK_PROJECTS_SHARED, columns[1], columns[2])
+                status = await conn.execute(
+                    sql.INSERT_SCORES, *columns, timeout=_INSERT_TIMEOUT_SECONDS
+                )
         except _DATA_ERRORS as exc:
             raise StorageRejected(str(exc)) from exc
         return int(status.rsplit(" ", 1)[-1])
+
+    async def purge_idempotency_keys(self, older_than_seconds: float, chunk: int = 10_000) -> int:
+        """Forget Idempotency-Keys older than the retention period; returns how many."""
+        purged = 0
+        while True:
+            status = await self._pool.execute(
+                sql.PURGE_IDEMPOTENCY_KEYS, older_than_seconds, chunk
+            )
+            deleted = int(status.rsplit(" ", 1)[-1])
+            purged += deleted
+            if deleted < chunk:
+                return purged

@@ -33,6 +33,7 @@ from worker.store import ScoreStore, StorageRejected
 log = logging.getLogger(__name__)
 
 _Decoded = tuple[AbstractIncomingMessage, ScoreMessage]
+_PURGE_INTERVAL_SECONDS = 600
 
 
 class ScoreWorker:
@@ -66,15 +67,33 @@ class ScoreWorker:
 
     async def run(self) -> None:
         """Consume and store until stopped."""
+        purging: asyncio.Task[None] | None = None
         try:
             await self._start()
+            purging = asyncio.create_task(self._purge_idempotency_keys_periodically())
             while not self._stopping:
                 await self._handle(await self._collect_batch())
             await self._stop_consuming()
             leftovers = [m for m in self._drain_inbox() if m is not None]
             await self._handle(leftovers)
         finally:
+            if purging is not None:
+                purging.cancel()
             await self._close()
+
+    async def _purge_idempotency_keys_periodically(self) -> None:
+        assert self._store is not None
+        while True:
+            try:
+                purged = await self._store.purge_idempotency_keys(
+                    self._settings.idempotency_key_ttl_seconds
+                )
+            except Exception as exc:  # the next round tries again; scores are unaffected
+                log.warning("purging expired Idempotency-Keys failed: %s", exc)
+            else:
+                if purged:
+                    log.info("purged %d expired Idempotency-Keys", purged)
+            await asyncio.sleep(_PURGE_INTERVAL_SECONDS)
 
     async def _start(self) -> None:
         settings = self._settings

@@ -1,22 +1,57 @@
 """HTTP endpoints of the scores resource."""
 
-from typing import Any
+from typing import Annotated, Any
+from uuid import UUID
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, Query
+from fastapi.responses import Response, StreamingResponse
 
 from api import service
-from api.deps import ProjectScopeDep, PublisherDep
-from api.schemas import ErrorRes, ScoreCreateBody, ScoreCreateRes
+from api.deps import PoolDep, ProjectScopeDep, PublisherDep, SettingsDep
+from api.schemas import (
+    DEFAULT_LIST_LIMIT,
+    MAX_DELETE_IDS,
+    MAX_LIST_LIMIT,
+    ErrorRes,
+    ScoreBatchCreateBody,
+    ScoreBatchCreateRes,
+    ScoreCreateBody,
+    ScoreCreateRes,
+    ScoreDeleteRes,
+    ScoreReadRes,
+)
+from shared.contract import Identifier
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorRes, "description": "Missing, malformed, unknown or revoked API key"},
     403: {"model": ErrorRes, "description": "The API key is not scoped to this entity/project"},
-    413: {"model": ErrorRes, "description": "Request body larger than MAX_BODY_BYTES"},
+}
+_UNAVAILABLE: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorRes, "description": "Unavailable right now; retry after Retry-After"},
+}
+_WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
+    **_AUTH_ERRORS,
+    413: {"model": ErrorRes, "description": "Request body larger than the limit"},
     503: {
         "model": ErrorRes,
         "description": "Not accepted: the broker (or key store) is unavailable; see Retry-After",
     },
 }
+
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        pattern=r"^[\x21-\x7e]+$",
+        description=(
+            "Makes retries safe: the same key in the same project always gets the same "
+            "score ids and at most one row each. Remembered for IDEMPOTENCY_KEY_TTL_SECONDS "
+            "(default 24 h); reusing it with a different body is a 422."
+        ),
+    ),
+]
 
 router = APIRouter(tags=["Scores"])
 
@@ -25,11 +60,127 @@ router = APIRouter(tags=["Scores"])
     "/v2/{entity}/{project}/scores",
     summary="Create a score",
     description="Creates a score. A 200 means the broker has durably accepted it.",
-    responses={200: {"description": "Successful Response"}, **ERROR_RESPONSES},
+    responses=_WRITE_ERRORS,
 )
 async def score_create(
-    scope: ProjectScopeDep, body: ScoreCreateBody, publisher: PublisherDep
+    scope: ProjectScopeDep,
+    body: ScoreCreateBody,
+    publisher: PublisherDep,
+    pool: PoolDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
 ) -> ScoreCreateRes:
     """Create one score."""
-    score_id = await service.create_score(publisher, scope, body)
+    (score_id,) = await service.create_scores(
+        publisher,
+        pool,
+        scope,
+        [body],
+        kind="single",
+        idempotency_key=idempotency_key,
+        idempotency_ttl_seconds=settings.idempotency_key_ttl_seconds,
+    )
     return ScoreCreateRes(score_id=str(score_id))
+
+
+@router.post(
+    "/v2/{entity}/{project}/scores/batch",
+    summary="Create scores in a batch",
+    description=(
+        "Creates up to 1000 scores (body at most MAX_BATCH_BODY_BYTES, default 16 MiB). "
+        "All are validated first: one invalid item fails the whole request with a 422 "
+        "whose loc names it. A 200 means the broker has durably accepted every one."
+    ),
+    responses=_WRITE_ERRORS,
+)
+async def score_batch_create(
+    scope: ProjectScopeDep,
+    body: ScoreBatchCreateBody,
+    publisher: PublisherDep,
+    pool: PoolDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> ScoreBatchCreateRes:
+    """Create many scores at once."""
+    score_ids = await service.create_scores(
+        publisher,
+        pool,
+        scope,
+        body.scores,
+        kind="batch",
+        idempotency_key=idempotency_key,
+        idempotency_ttl_seconds=settings.idempotency_key_ttl_seconds,
+    )
+    return ScoreBatchCreateRes(score_ids=[str(score_id) for score_id in score_ids])
+
+
+@router.get(
+    "/v2/{entity}/{project}/scores/{score_id}",
+    summary="Read a score",
+    description="Reads a stored score. Scores become readable once the worker stored them.",
+    response_model=ScoreReadRes,
+    responses={
+        **_AUTH_ERRORS,
+        404: {"model": ErrorRes, "description": "No such score"},
+        **_UNAVAILABLE,
+    },
+)
+async def score_read(scope: ProjectScopeDep, score_id: UUID, pool: PoolDep) -> Response:
+    """Read one score."""
+    return Response(await service.read_score(pool, scope, score_id), media_type="application/json")
+
+
+@router.get(
+    "/v2/{entity}/{project}/scores",
+    summary="List scores",
+    description=(
+        "Streams the project's stored scores as JSON Lines (one ScoreReadRes per line) in "
+        "creation order."
+    ),
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "One ScoreReadRes per line",
+            "content": {
+                "application/jsonl": {"schema": {"$ref": "#/components/schemas/ScoreReadRes"}}
+            },
+        },
+        **_AUTH_ERRORS,
+        **_UNAVAILABLE,
+    },
+)
+async def score_list(
+    scope: ProjectScopeDep,
+    pool: PoolDep,
+    evaluation_run_id: Annotated[
+        Identifier | None, Query(description="Only scores of this evaluation run")
+    ] = None,
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_LIST_LIMIT, description="Most scores to return")
+    ] = DEFAULT_LIST_LIMIT,
+    offset: Annotated[int, Query(ge=0, description="Scores to skip")] = 0,
+) -> StreamingResponse:
+    """List scores."""
+    chunks = await service.list_scores(pool, scope, evaluation_run_id, limit, offset)
+    return StreamingResponse(chunks, media_type="application/jsonl")
+
+
+@router.delete(
+    "/v2/{entity}/{project}/scores",
+    summary="Delete scores",
+    description=(
+        "Deletes scores for good: a deleted score never comes back, not even when its "
+        "message is still queued, redelivered or replayed."
+    ),
+    responses={**_AUTH_ERRORS, **_UNAVAILABLE},
+)
+async def score_delete(
+    scope: ProjectScopeDep,
+    pool: PoolDep,
+    score_ids: Annotated[
+        list[UUID],
+        Query(min_length=1, max_length=MAX_DELETE_IDS, description="Score IDs to delete"),
+    ],
+) -> ScoreDeleteRes:
+    """Delete scores."""
+    return ScoreDeleteRes(num_deleted=await service.delete_scores(pool, scope, score_ids))
