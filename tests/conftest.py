@@ -81,7 +81,7 @@ async def clean_slate(request: pytest.FixtureRequest) -> None:
     settings: Settings = request.getfixturevalue("settings")
     conn = await asyncpg.connect(settings.database_url)
     try:
-        await conn.execute("TRUNCATE scores, api_keys")
+        await conn.execute("TRUNCATE scores, api_keys, score_tombstones, idempotency_keys")
     finally:
         await conn.close()
     await _empty_queues(settings)
