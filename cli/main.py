@@ -14,7 +14,7 @@ import typer
 import uvicorn
 
 from api.app import create_app
-from cli import keys
+from cli import dlq, keys
 from shared.contract import message_json_schema
 from shared.db import migrate as apply_migrations
 from shared.logs import configure_logging
@@ -27,6 +27,7 @@ app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(keys.app, name="keys")
+app.add_typer(dlq.app, name="dlq")
 
 
 @app.callback()
