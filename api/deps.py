@@ -4,7 +4,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 import asyncpg
-from fastapi import Depends, Path, Request
+from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import (
     HTTPAuthorizationCredentials,
     HTTPBasic,
@@ -18,7 +18,19 @@ from api.publisher import ScorePublisher
 from shared.contract import EntityName, ProjectName
 from shared.settings import Settings
 
-_basic = HTTPBasic(
+
+class _Basic(HTTPBasic):
+    """HTTP Basic whose undecodable credentials are our 401, like every other bad key."""
+
+    async def __call__(self, request: Request) -> HTTPBasicCredentials | None:  # type: ignore[override]
+        try:
+            return await super().__call__(request)
+        except HTTPException:
+            raise InvalidCredentials("malformed HTTP Basic credentials") from None
+
+
+_basic = _Basic(
+    scheme_name="HTTPBasic",
     auto_error=False,
     description="Any username (W&B clients send `api`); the password is the API key.",
 )

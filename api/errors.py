@@ -106,6 +106,11 @@ def _json(content: Any, status_code: int, headers: dict[str, str] | None = None)
     )
 
 
+def _message(error: Any) -> str:
+    reason = error.get("ctx", {}).get("error") if error["type"] == "json_invalid" else None
+    return f"{error['msg']}: {reason}" if reason else str(error["msg"])
+
+
 def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     """Map ApiError subclasses and validation errors to JSON; 503s carry Retry-After."""
 
@@ -121,7 +126,7 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
         # JSON cannot encode (NaN); loc, msg and type say all that is needed.
         assert isinstance(exc, RequestValidationError)
         detail = [
-            {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+            {"loc": list(error["loc"]), "msg": _message(error), "type": error["type"]}
             for error in exc.errors()
         ]
         return _json({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)

@@ -69,8 +69,7 @@ def _check_scorer(value: str) -> str:
         raise PydanticCustomError(
             "weave_ref",
             "must be a Weave object or op reference "
-            "(weave:///<entity>/<project>/object|op/<name>:<digest>): {reason}",
-            {"reason": str(exc)},
+            f"(weave:///<entity>/<project>/object|op/<name>:<digest>): {exc}",
         ) from None
     return value
 
@@ -117,11 +116,9 @@ def _check_storable_json(value: Any) -> Any:
     try:
         _walk(value, 0)
     except _Unstorable as exc:
-        raise PydanticCustomError(
-            "unstorable_json",
-            "value{path}: {problem}",
-            {"path": exc.path, "problem": exc.problem},
-        ) from None
+        # The message is built here, not by pydantic's template: the path quotes the client's
+        # own object keys, which may contain {placeholders}.
+        raise PydanticCustomError("unstorable_json", f"value{exc.path}: {exc.problem}") from None
     return value
 
 

@@ -63,9 +63,7 @@ class ScoreStore:
         """Forget Idempotency-Keys older than the retention period; returns how many."""
         purged = 0
         while True:
-            status = await self._pool.execute(
-                sql.PURGE_IDEMPOTENCY_KEYS, older_than_seconds, chunk
-            )
+            status = await self._pool.execute(sql.PURGE_IDEMPOTENCY_KEYS, older_than_seconds, chunk)
             deleted = int(status.rsplit(" ", 1)[-1])
             purged += deleted
             if deleted < chunk:

@@ -8,6 +8,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from api import service
 from api.deps import PoolDep, ProjectScopeDep, PublisherDep, SettingsDep
+from api.json_route import PydanticJsonRoute
 from api.schemas import (
     DEFAULT_LIST_LIMIT,
     MAX_DELETE_IDS,
@@ -53,7 +54,7 @@ IdempotencyKeyHeader = Annotated[
     ),
 ]
 
-router = APIRouter(tags=["Scores"])
+router = APIRouter(tags=["Scores"], route_class=PydanticJsonRoute)
 
 
 @router.post(
