@@ -9,8 +9,9 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.keys import KeyVerifier
 from api.limits import BodySizeLimitMiddleware
+from api.metrics import RequestContextMiddleware
 from api.publisher import ScorePublisher
-from api.routes import scores
+from api.routes import health, scores
 from shared.settings import Settings, get_settings
 
 _CONNECT_TIMEOUT_SECONDS = 5
@@ -54,6 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         max_batch_bytes=settings.max_batch_body_bytes,
     )
+    app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app, settings.retry_after_seconds)
     app.include_router(scores.router)
+    app.include_router(health.router)
     return app

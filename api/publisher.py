@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 import aio_pika
@@ -10,6 +11,7 @@ from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobust
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
 from api.errors import BrokerUnavailable
+from api.metrics import PUBLISH_CONFIRM_SECONDS, PUBLISH_FAILURES, SCORES_ACCEPTED
 from shared.broker import connect_until_ready
 from shared.contract import CONTENT_TYPE, MESSAGE_TYPE, ScoreMessage
 from shared.settings import Settings
@@ -57,10 +59,25 @@ class ScorePublisher:
 
     @property
     def ready(self) -> bool:
-        """Whether a publish could be confirmed right now."""
+        """Whether a publish could be confirmed right now: connected, channel open, not blocked."""
         return (
-            self._exchange is not None and self._channel is not None and not self._channel.is_closed
+            self._exchange is not None
+            and self._channel is not None
+            and not self._channel.is_closed
+            and not self.blocked
         )
+
+    @property
+    def blocked(self) -> bool:
+        """Whether the broker has blocked publishing (a memory or disk alarm)."""
+        transport = self._connection.transport if self._connection is not None else None
+        if transport is None:
+            return False
+        # aiormq tracks connection.blocked/unblocked in a private event and makes writers
+        # wait on it, which would hang each request until its timeout; reading it lets us
+        # answer 503 at once instead.
+        unblocked = getattr(transport.connection, "_Connection__connection_unblocked", None)
+        return isinstance(unblocked, asyncio.Event) and not unblocked.is_set()
 
     async def _connect_until_ready(self) -> None:
         connection = await connect_until_ready(
@@ -75,8 +92,11 @@ class ScorePublisher:
     async def publish_confirmed(self, message: ScoreMessage) -> None:
         """Publish one score and wait for the broker's confirm; raises BrokerUnavailable."""
         exchange = self._exchange
+        if self.blocked:
+            raise _refused("blocked", "message broker is blocking publishers (resource alarm)")
         if exchange is None or not self.ready:
-            raise BrokerUnavailable("message broker is not connected")
+            raise _refused("unavailable", "message broker is not connected")
+        started = time.perf_counter()
         try:
             await exchange.publish(
                 to_amqp_message(message),
@@ -85,13 +105,15 @@ class ScorePublisher:
                 timeout=self._settings.publish_timeout_seconds,
             )
         except PublishError as exc:  # returned as unroutable: no queue bound to the exchange
-            raise BrokerUnavailable("message broker could not route the score") from exc
+            raise _refused("unroutable", "message broker could not route the score") from exc
         except DeliveryError as exc:  # nacked, e.g. scores.persist is at its length limit
-            raise BrokerUnavailable("message broker refused the score (queue full)") from exc
+            raise _refused("refused", "message broker refused the score (queue full)") from exc
         except TimeoutError as exc:
-            raise BrokerUnavailable("message broker did not confirm the score in time") from exc
+            raise _refused("timeout", "message broker did not confirm the score in time") from exc
         except CONNECTION_EXCEPTIONS as exc:
-            raise BrokerUnavailable("lost the connection to the message broker") from exc
+            raise _refused("unavailable", "lost the connection to the message broker") from exc
+        PUBLISH_CONFIRM_SECONDS.observe(time.perf_counter() - started)
+        SCORES_ACCEPTED.inc()
 
     async def publish_all_confirmed(self, messages: Sequence[ScoreMessage]) -> None:
         """Publish many scores at once; returns when all are confirmed, else raises the first error.
@@ -120,3 +142,8 @@ def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # Typically PRECONDITION_FAILED: scores.persist exists with other arguments.
         log.error("publisher cannot set up the broker topology", exc_info=task.exception())
+
+
+def _refused(reason: str, detail: str) -> BrokerUnavailable:
+    PUBLISH_FAILURES.labels(reason).inc()
+    return BrokerUnavailable(detail)

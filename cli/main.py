@@ -32,7 +32,8 @@ app.add_typer(dlq.app, name="dlq")
 
 @app.callback()
 def _setup() -> None:
-    configure_logging(get_settings().log_level)
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_format)
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """One Settings class, read from the environment; every variable is documented in the README."""
 
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,8 @@ class Settings(BaseSettings):
     db_pool_max_size: int = Field(default=10, ge=1)
     idempotency_key_ttl_seconds: float = Field(default=24 * 3600, gt=0)
 
+    worker_health_host: str = "127.0.0.1"
+    worker_health_port: int = Field(default=8001, ge=0, le=65535)
     worker_prefetch: int = Field(default=2000, ge=1)
     worker_batch_size: int = Field(default=500, ge=1)
     worker_flush_interval_seconds: float = Field(default=0.02, ge=0)
@@ -38,6 +41,7 @@ class Settings(BaseSettings):
     queue_delivery_limit: int = Field(default=20, ge=1)
 
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
 
 
 @lru_cache(maxsize=1)

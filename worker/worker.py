@@ -3,12 +3,14 @@
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import aio_pika
 import asyncpg
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -26,7 +28,19 @@ from shared.dead_letters import (
     DeadLetterReason,
 )
 from shared.settings import Settings
-from shared.topology import QUEUE, ROUTING_KEY, declare_topology
+from shared.topology import DEAD_LETTER_QUEUE, QUEUE, ROUTING_KEY, declare_topology
+from worker._health import HealthServer
+from worker._metrics import (
+    BATCH_SIZE,
+    CONSUMER_LAG_SECONDS,
+    DATABASE_RETRIES,
+    DEAD_LETTERED,
+    DUPLICATES_SKIPPED,
+    INSERT_SECONDS,
+    PERSIST_LAG_SECONDS,
+    QUEUE_DEPTH,
+    SCORES_PERSISTED,
+)
 from worker.decode import PoisonMessage, decode_score
 from worker.store import ScoreStore, StorageRejected
 
@@ -34,6 +48,7 @@ log = logging.getLogger(__name__)
 
 _Decoded = tuple[AbstractIncomingMessage, ScoreMessage]
 _PURGE_INTERVAL_SECONDS = 600
+_QUEUE_DEPTH_INTERVAL_SECONDS = 5
 
 
 class ScoreWorker:
@@ -56,8 +71,17 @@ class ScoreWorker:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
+        self._dead_letter_channel: AbstractChannel | None = None
+        self._health = HealthServer(
+            settings.worker_health_host, settings.worker_health_port, self._is_ready
+        )
         self.persisted = 0
         self.duplicates = 0
+
+    @property
+    def health_port(self) -> int:
+        """Where /healthz, /readyz and /metrics are served."""
+        return self._health.port
 
     def request_stop(self) -> None:
         """Stop consuming, finish the batch in hand, then return from run()."""
@@ -67,19 +91,44 @@ class ScoreWorker:
 
     async def run(self) -> None:
         """Consume and store until stopped."""
-        purging: asyncio.Task[None] | None = None
+        chores: list[asyncio.Task[None]] = []
         try:
             await self._start()
-            purging = asyncio.create_task(self._purge_idempotency_keys_periodically())
+            chores = [
+                asyncio.create_task(self._purge_idempotency_keys_periodically()),
+                asyncio.create_task(self._poll_queue_depths_periodically()),
+            ]
             while not self._stopping:
                 await self._handle(await self._collect_batch())
             await self._stop_consuming()
             leftovers = [m for m in self._drain_inbox() if m is not None]
             await self._handle(leftovers)
         finally:
-            if purging is not None:
-                purging.cancel()
+            for chore in chores:
+                chore.cancel()
             await self._close()
+
+    async def _is_ready(self) -> bool:
+        """Ready: the consuming connection is open and PostgreSQL answers."""
+        if self._connection is None or self._connection.is_closed or self._pool is None:
+            return False
+        try:
+            await self._pool.fetchval("SELECT 1", timeout=2)
+        except Exception:  # any failure to answer means not ready
+            return False
+        return True
+
+    async def _poll_queue_depths_periodically(self) -> None:
+        assert self._dead_letter_channel is not None
+        while True:
+            for name in (QUEUE, DEAD_LETTER_QUEUE):
+                try:
+                    queue = await self._dead_letter_channel.declare_queue(name, passive=True)
+                except CONNECTION_EXCEPTIONS as exc:
+                    log.debug("could not read the depth of %s: %s", name, exc)
+                else:
+                    QUEUE_DEPTH.labels(name).set(queue.declaration_result.message_count or 0)
+            await asyncio.sleep(_QUEUE_DEPTH_INTERVAL_SECONDS)
 
     async def _purge_idempotency_keys_periodically(self) -> None:
         assert self._store is not None
@@ -106,15 +155,16 @@ class ScoreWorker:
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=settings.worker_prefetch)
         topology = await declare_topology(channel, settings)
-        dead_letter_channel = await self._connection.channel(
+        self._dead_letter_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        self._dead_letter_exchange = await dead_letter_channel.get_exchange(
+        self._dead_letter_exchange = await self._dead_letter_channel.get_exchange(
             topology.dead_letter_exchange.name
         )
         self._queue = topology.queue
+        await self._health.start()
         self._consumer_tag = await self._queue.consume(self._inbox.put)
-        log.info("worker consuming %s", QUEUE)
+        log.info("worker consuming %s", QUEUE, extra={"health_port": self._health.port})
 
     async def _collect_batch(self) -> list[AbstractIncomingMessage]:
         """Wait for one message, then take more until the batch is full or the interval ends."""
@@ -160,6 +210,7 @@ class ScoreWorker:
         assert self._store is not None
         delay = 0.1
         while True:
+            started = time.perf_counter()
             try:
                 inserted = await self._store.persist_batch([score for _, score in decoded])
             except StorageRejected as exc:
@@ -175,19 +226,37 @@ class ScoreWorker:
                 log.warning(
                     "storing %d scores failed (%s); retrying in %.1fs", len(decoded), exc, delay
                 )
+                DATABASE_RETRIES.inc()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.worker_retry_max_seconds)
                 continue
-            self.persisted += inserted
-            self.duplicates += len(decoded) - inserted
+            self._observe(decoded, inserted, time.perf_counter() - started)
             for message, _ in decoded:
                 await _settle(message.ack())
             return
 
+    def _observe(self, decoded: list[_Decoded], inserted: int, seconds: float) -> None:
+        self.persisted += inserted
+        self.duplicates += len(decoded) - inserted
+        SCORES_PERSISTED.inc(inserted)
+        DUPLICATES_SKIPPED.inc(len(decoded) - inserted)
+        BATCH_SIZE.observe(len(decoded))
+        INSERT_SECONDS.observe(seconds)
+        now = datetime.now(UTC)
+        lags = [(now - score.created_at).total_seconds() for _, score in decoded]
+        for lag in lags:
+            PERSIST_LAG_SECONDS.observe(lag)
+        CONSUMER_LAG_SECONDS.set(max(lags))
+
     async def _dead_letter(self, message: AbstractIncomingMessage, poison: PoisonMessage) -> None:
         """Publish a copy with the reason to scores.dlx, then ack; reject if that fails."""
         assert self._dead_letter_exchange is not None
-        log.warning("dead-lettering message %s: %s", message.message_id, poison)
+        log.warning(
+            "dead-lettering a message: %s",
+            poison,
+            extra={"score_id": message.message_id, "reason": poison.reason.value},
+        )
+        DEAD_LETTERED.labels(poison.reason.value).inc()
         headers = dict(message.headers or {})
         headers.update(
             {
@@ -229,6 +298,7 @@ class ScoreWorker:
                 log.warning("could not cancel the consumer cleanly: %s", exc)
 
     async def _close(self) -> None:
+        await self._health.close()
         if self._connection is not None:
             await self._connection.close()
         if self._pool is not None:

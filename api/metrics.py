@@ -1,0 +1,73 @@
+"""Prometheus metrics of the API, and the middleware that counts requests and tags logs."""
+
+import re
+import time
+import uuid
+
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.logs import request_id
+
+HTTP_REQUESTS = Counter(
+    "score_ingest_http_requests_total",
+    "HTTP requests answered, by method, route template and status",
+    ["method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "score_ingest_http_request_seconds",
+    "Time to answer an HTTP request, by route template",
+    ["route"],
+)
+PUBLISH_CONFIRM_SECONDS = Histogram(
+    "score_ingest_publish_confirm_seconds",
+    "Time from publishing a score to the broker's confirm",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+SCORES_ACCEPTED = Counter(
+    "score_ingest_scores_accepted_total", "Scores the broker confirmed and the API answered 200 for"
+)
+PUBLISH_FAILURES = Counter(
+    "score_ingest_publish_failures_total",
+    "Scores not accepted, by why: unavailable, blocked, refused, unroutable, timeout",
+    ["reason"],
+)
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestContextMiddleware:
+    """Give each request an id (X-Request-ID, taken from the client when sane) and count it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the request with its id in the log context; count it when answered."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        current = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        token = request_id.set(current)
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", current.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            HTTP_REQUESTS.labels(scope["method"], template, str(status)).inc()
+            HTTP_SECONDS.labels(template).observe(time.perf_counter() - started)
+            request_id.reset(token)

@@ -1,0 +1,37 @@
+"""Prometheus metrics of the worker."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+SCORES_PERSISTED = Counter("score_ingest_scores_persisted_total", "Scores written to PostgreSQL")
+DUPLICATES_SKIPPED = Counter(
+    "score_ingest_duplicates_skipped_total",
+    "Messages not stored because their score was already stored or deleted",
+)
+DEAD_LETTERED = Counter(
+    "score_ingest_dead_lettered_total", "Messages sent to scores.dead, by reason", ["reason"]
+)
+BATCH_SIZE = Histogram(
+    "score_ingest_batch_size",
+    "Scores per INSERT",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500),
+)
+INSERT_SECONDS = Histogram(
+    "score_ingest_insert_seconds",
+    "Time to store one batch (one transaction)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+PERSIST_LAG_SECONDS = Histogram(
+    "score_ingest_persist_lag_seconds",
+    "Time from the API accepting a score (created_at) to its row being committed",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+CONSUMER_LAG_SECONDS = Gauge(
+    "score_ingest_consumer_lag_seconds",
+    "Age (now - created_at) of the oldest score in the last stored batch",
+)
+QUEUE_DEPTH = Gauge(
+    "score_ingest_queue_depth", "Messages ready in a queue, polled by the worker", ["queue"]
+)
+DATABASE_RETRIES = Counter(
+    "score_ingest_database_retries_total", "Batch writes retried because PostgreSQL failed"
+)
