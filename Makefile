@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format bench schema clean
+.PHONY: install run test lint format bench schema image up clean
 
 install: $(STAMP)
 
@@ -31,6 +31,12 @@ format: install
 
 schema: install
 	$(BIN)/score-ingest schema > shared/score-message.schema.json
+
+image:
+	docker build -f deploy/Dockerfile -t score-ingest:local .
+
+up:
+	docker compose -f deploy/compose.yaml up --build
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

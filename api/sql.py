@@ -54,8 +54,9 @@ DELETE FROM scores WHERE entity = $1 AND project = $2 AND score_id = ANY($3::uui
 """
 
 # Records the key unless it exists and has not expired; either way returns the stored ids
-# and request hash. Run again when it returns nothing: a concurrent first use committed
-# after this statement's snapshot was taken.
+# and request hash. Run again when it returns nothing: a concurrent first use (or renewal
+# of an expired key) committed after this statement's snapshot was taken, and only a new
+# statement sees it; an expired row is never returned.
 CLAIM_IDEMPOTENCY_KEY = """
 WITH claimed AS (
     INSERT INTO idempotency_keys (entity, project, idempotency_key, request_hash, score_ids)
@@ -71,5 +72,6 @@ SELECT request_hash, score_ids FROM claimed
 UNION ALL
 SELECT request_hash, score_ids FROM idempotency_keys
 WHERE entity = $1 AND project = $2 AND idempotency_key = $3
+  AND created_at >= now() - make_interval(secs => $6)
   AND NOT EXISTS (SELECT 1 FROM claimed)
 """

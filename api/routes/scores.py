@@ -54,6 +54,8 @@ IdempotencyKeyHeader = Annotated[
     ),
 ]
 
+_MAX_BIGINT = 2**63 - 1
+
 router = APIRouter(tags=["Scores"], route_class=PydanticJsonRoute)
 
 
@@ -159,7 +161,7 @@ async def score_list(
     limit: Annotated[
         int, Query(ge=1, le=MAX_LIST_LIMIT, description="Most scores to return")
     ] = DEFAULT_LIST_LIMIT,
-    offset: Annotated[int, Query(ge=0, description="Scores to skip")] = 0,
+    offset: Annotated[int, Query(ge=0, le=_MAX_BIGINT, description="Scores to skip")] = 0,
 ) -> StreamingResponse:
     """List scores."""
     chunks = await service.list_scores(pool, scope, evaluation_run_id, limit, offset)

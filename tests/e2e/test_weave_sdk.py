@@ -1,0 +1,102 @@
+"""W&B's Weave SDK drives a running api and worker: create, read, list (filtered, paged), delete."""
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+import pytest
+from weave.trace_server_bindings.remote_http_trace_server import RemoteHTTPTraceServer
+from weave.vendor.weave_server_sdk import NotFoundError
+
+from shared.settings import Settings
+from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, wait_for_count
+from tests.support.processes import ApiProcess, api_process, worker_process
+
+PROJECT_ID = f"{ENTITY}/{PROJECT}"
+SCORER = f"weave:///{ENTITY}/{PROJECT}/op/exact_match:abc123"
+RUNS = ["run-a", "run-b", "run-a", "run-b", "run-a"]
+COUNT_PROJECT_SCORES = "SELECT count(*) FROM scores WHERE entity = $1 AND project = $2"
+
+T = TypeVar("T")
+
+
+async def _sdk(call: Callable[[Mapping[str, Any]], T], **request: Any) -> T:
+    """Run one blocking SDK call off the event loop, which keeps serving the subprocesses."""
+    return await asyncio.to_thread(call, {"project_id": PROJECT_ID, **request})
+
+
+async def _list_ids(server: RemoteHTTPTraceServer, **request: Any) -> list[str]:
+    listed = await asyncio.to_thread(
+        lambda: list(server.score_list({"project_id": PROJECT_ID, **request}))
+    )
+    return [score.score_id for score in listed]
+
+
+async def _wait_accepting(api: ApiProcess, api_key: str) -> None:
+    """Wait until the api's publisher is connected: it confirms a score of another project."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    async with httpx.AsyncClient(base_url=api.base_url, headers=basic_auth(api_key)) as http:
+        while True:
+            response = await http.post(f"/v2/{ENTITY}/warm-up/scores", json=score_body())
+            if response.status_code == 200:
+                return
+            assert response.status_code == 503, response.text
+            if loop.time() > deadline:
+                raise api.process.failure("never accepted a score")
+            await asyncio.sleep(0.1)
+
+
+async def test_create_read_list_and_delete_through_the_weave_sdk(
+    settings: Settings, api_key: str, db: asyncpg.Connection
+) -> None:
+    key_id = api_key.split("_")[1]
+    async with worker_process(settings), api_process(settings) as api:
+        await _wait_accepting(api, api_key)
+        server = RemoteHTTPTraceServer(api.base_url, password=api_key)
+
+        created = [
+            await _sdk(
+                server.score_create,
+                prediction_id=f"prediction-{i}",
+                scorer=SCORER,
+                value={"correct": i % 2 == 0, "score": i / 4},
+                evaluation_run_id=run,
+            )
+            for i, run in enumerate(RUNS)
+        ]
+        ids = [score.score_id for score in created]
+        assert len(set(ids)) == len(RUNS)
+        stored = await wait_for_count(db, COUNT_PROJECT_SCORES, len(ids), ENTITY, PROJECT)
+        assert stored == len(ids)
+
+        read = await _sdk(server.score_read, score_id=ids[3])
+        assert read.score_id == ids[3]
+        assert read.scorer == SCORER
+        assert read.value == {"correct": False, "score": 0.75}
+        assert read.evaluation_run_id == "run-b"
+        assert read.wb_user_id == key_id
+
+        assert await _list_ids(server) == ids
+        assert await _list_ids(server, evaluation_run_id="run-a") == [ids[0], ids[2], ids[4]]
+        assert await _list_ids(server, evaluation_run_id="run-b") == [ids[1], ids[3]]
+        pages = [await _list_ids(server, limit=2, offset=offset) for offset in (0, 2, 4, 6)]
+        assert pages == [ids[0:2], ids[2:4], ids[4:5], []]
+        filtered_pages = [
+            await _list_ids(server, evaluation_run_id="run-a", limit=2, offset=offset)
+            for offset in (0, 2)
+        ]
+        assert filtered_pages == [[ids[0], ids[2]], [ids[4]]]
+
+        deleted = await _sdk(server.score_delete, score_ids=[ids[2]])
+        assert deleted.num_deleted == 1
+
+        with pytest.raises(NotFoundError):
+            await _sdk(server.score_read, score_id=ids[2])
+        remaining = [ids[0], ids[1], ids[3], ids[4]]
+        assert await _list_ids(server) == remaining
+        assert await _list_ids(server, evaluation_run_id="run-a") == [ids[0], ids[4]]
+        assert (await _sdk(server.score_delete, score_ids=[ids[2]])).num_deleted == 0
+        assert (await _sdk(server.score_read, score_id=ids[4])).score_id == ids[4]
