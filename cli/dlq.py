@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -120,7 +121,8 @@ def list_(
             str(letter.size),
             letter.detail[:80],
         )
-    Console().print(table)
+    # Piped output gets a wide console, so ids are never cut (they feed `dlq show`).
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
     console.print(f"{len(letters)} dead letter(s)")
 
 

@@ -61,6 +61,7 @@ def settings(database_url: str, amqp_url: str) -> Settings:
         worker_flush_interval_seconds=0.01,
         worker_retry_max_seconds=0.5,
         worker_shutdown_grace_seconds=5,
+        worker_health_port=0,
     )
 
 

@@ -109,8 +109,11 @@ class ScoreWorker:
             await self._close()
 
     async def _is_ready(self) -> bool:
-        """Ready: the consuming connection is open and PostgreSQL answers."""
-        if self._connection is None or self._connection.is_closed or self._pool is None:
+        """Ready: the broker connection is up (not reconnecting) and PostgreSQL answers."""
+        connection = self._connection
+        if connection is None or connection.is_closed or not connection.connected.is_set():
+            return False
+        if self._pool is None:
             return False
         try:
             await self._pool.fetchval("SELECT 1", timeout=2)
@@ -123,11 +126,13 @@ class ScoreWorker:
         while True:
             for name in (QUEUE, DEAD_LETTER_QUEUE):
                 try:
-                    queue = await self._dead_letter_channel.declare_queue(name, passive=True)
-                except CONNECTION_EXCEPTIONS as exc:
+                    # The robust channel would answer from its cache; ask the broker itself.
+                    channel = await self._dead_letter_channel.get_underlay_channel()
+                    declared = await channel.queue_declare(name, passive=True)
+                except Exception as exc:  # a missed poll only leaves the gauge stale
                     log.debug("could not read the depth of %s: %s", name, exc)
                 else:
-                    QUEUE_DEPTH.labels(name).set(queue.declaration_result.message_count or 0)
+                    QUEUE_DEPTH.labels(name).set(declared.message_count or 0)
             await asyncio.sleep(_QUEUE_DEPTH_INTERVAL_SECONDS)
 
     async def _purge_idempotency_keys_periodically(self) -> None:
