@@ -37,25 +37,27 @@ _basic = _Basic(
 _bearer = HTTPBearer(auto_error=False, description="The API key as a bearer token.")
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are async even where they need not be: FastAPI runs plain functions in a
+# thread pool, a thread hop per dependency per request.
+async def get_settings(request: Request) -> Settings:
     """The settings the app was made with."""
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_pool(request: Request) -> asyncpg.Pool:
+async def get_pool(request: Request) -> asyncpg.Pool:
     """The app's PostgreSQL pool, made in the lifespan."""
     pool: asyncpg.Pool = request.app.state.pool
     return pool
 
 
-def get_publisher(request: Request) -> ScorePublisher:
+async def get_publisher(request: Request) -> ScorePublisher:
     """The app's publisher, made in the lifespan."""
     publisher: ScorePublisher = request.app.state.publisher
     return publisher
 
 
-def get_verifier(request: Request) -> KeyVerifier:
+async def get_verifier(request: Request) -> KeyVerifier:
     """The app's key verifier, made in the lifespan."""
     verifier: KeyVerifier = request.app.state.verifier
     return verifier
