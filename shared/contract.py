@@ -8,6 +8,7 @@ store (NUL characters, lone surrogates, NaN and infinities, runaway nesting).
 
 import math
 import re
+from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
 from pydantic import (
@@ -59,6 +60,15 @@ def _check_text(value: str) -> str:
     if problem:
         raise PydanticCustomError("unstorable_text", problem)
     return value
+
+
+def _check_utc_representable(value: datetime) -> datetime:
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise PydanticCustomError(
+            "datetime_range", "must lie between years 1 and 9999 once in UTC"
+        ) from None
 
 
 def _check_scorer(value: str) -> str:
@@ -182,7 +192,9 @@ class ScoreMessage(BaseModel):
     evaluation_run_id: Identifier | None = Field(
         default=None, description="Optional evaluation run ID to link this score to"
     )
-    created_at: AwareDatetime = Field(description="When the API accepted the score (UTC)")
+    created_at: Annotated[AwareDatetime, AfterValidator(_check_utc_representable)] = Field(
+        description="When the API accepted the score (UTC)"
+    )
     created_by: Identifier = Field(description="Id of the API key that created the score")
 
 

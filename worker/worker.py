@@ -1,6 +1,7 @@
 """The worker: consume scores.persist, store batches idempotently, ack after commit."""
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -16,7 +17,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError, DeliveryError
 
 from shared.broker import connect_until_ready
 from shared.contract import ScoreMessage
@@ -236,8 +237,7 @@ class ScoreWorker:
                 delay = min(delay * 2, self._settings.worker_retry_max_seconds)
                 continue
             self._observe(decoded, inserted, time.perf_counter() - started)
-            for message, _ in decoded:
-                await _settle(message.ack())
+            await _ack_through([message for message, _ in decoded])
             return
 
     def _observe(self, decoded: list[_Decoded], inserted: int, seconds: float) -> None:
@@ -304,11 +304,36 @@ class ScoreWorker:
 
     async def _close(self) -> None:
         await self._health.close()
+        if self._queue is not None:
+            # A round trip on the consuming channel after the last acks, before it closes.
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                await self._queue.channel.set_qos(prefetch_count=self._settings.worker_prefetch)
         if self._connection is not None:
             await self._connection.close()
         if self._pool is not None:
             await self._pool.close()
         log.info("worker stopped: %d persisted, %d duplicates", self.persisted, self.duplicates)
+
+
+async def _ack_through(messages: list[AbstractIncomingMessage]) -> None:
+    """Ack messages with one frame per channel: multiple=True on its highest delivery tag.
+
+    Sound because batches are taken and settled in delivery order: every earlier delivery
+    on the channel is already acked or dead-lettered. Besides saving frames, a single ack
+    is less exposed than hundreds to RabbitMQ dropping acks that race a channel close
+    (rabbitmq/rabbitmq-server#10327).
+    """
+    highest: dict[int, tuple[int, AbstractIncomingMessage]] = {}
+    for message in messages:
+        try:
+            channel = id(message.channel)
+        except ChannelInvalidStateError:
+            continue  # its channel is gone: the broker redelivers it, and a re-store is a no-op
+        tag = message.delivery_tag or 0
+        if channel not in highest or tag > highest[channel][0]:
+            highest[channel] = (tag, message)
+    for _, message in highest.values():
+        await _settle(message.ack(multiple=True))
 
 
 async def _settle(action: Awaitable[None]) -> None:
