@@ -21,7 +21,13 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from shared.dead_letters import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, TIME_HEADER
+from shared.dead_letters import (
+    DETAIL_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    TIME_HEADER,
+    copy_with_headers,
+)
 from shared.topology import DEAD_LETTER_QUEUE, EXCHANGE, ROUTING_KEY
 
 REPLAY_COUNT_HEADER = "x-replay-count"
@@ -215,18 +221,10 @@ class DeadLetterQueue:
         }
         replays = letter.headers.get(REPLAY_COUNT_HEADER)
         headers[REPLAY_COUNT_HEADER] = (replays if isinstance(replays, int) else 0) + 1
-        copy = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            type=message.type,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            app_id=message.app_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
         exchange = await self._channel.get_exchange(EXCHANGE, ensure=False)
-        await exchange.publish(copy, ROUTING_KEY, mandatory=True, timeout=30)
+        await exchange.publish(
+            copy_with_headers(message, headers), ROUTING_KEY, mandatory=True, timeout=30
+        )
         await message.ack()
 
 

@@ -135,22 +135,14 @@ def _check_storable_json(value: Any) -> Any:
 _NAME_PATTERN = r"^[^/\\#?%:\u0000-\u001f\u007f]+$"
 _TEXT_PATTERN = r"^[^\u0000]+$"
 
-EntityName = Annotated[
+_Name = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
     AfterValidator(_check_name),
-    Field(
-        description="W&B entity (team or user) name", json_schema_extra={"pattern": _NAME_PATTERN}
-    ),
+    Field(json_schema_extra={"pattern": _NAME_PATTERN}),
 ]
-ProjectName = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=MAX_NAME_CHARS),
-    AfterValidator(_check_name),
-    Field(
-        description="Project name within the entity", json_schema_extra={"pattern": _NAME_PATTERN}
-    ),
-]
+EntityName = Annotated[_Name, Field(description="W&B entity (team or user) name")]
+ProjectName = Annotated[_Name, Field(description="Project name within the entity")]
 Identifier = Annotated[
     str,
     StringConstraints(min_length=1, max_length=MAX_ID_CHARS),

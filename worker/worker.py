@@ -8,7 +8,6 @@ import time
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 
-import aio_pika
 import asyncpg
 from aio_pika.abc import (
     AbstractChannel,
@@ -27,6 +26,7 @@ from shared.dead_letters import (
     REASON_HEADER,
     TIME_HEADER,
     DeadLetterReason,
+    copy_with_headers,
 )
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE, ROUTING_KEY, declare_topology
@@ -271,19 +271,9 @@ class ScoreWorker:
                 QUEUE_HEADER: QUEUE,
             }
         )
-        copy = aio_pika.Message(
-            body=message.body,
-            headers=headers,
-            content_type=message.content_type,
-            type=message.type,
-            message_id=message.message_id,
-            timestamp=message.timestamp,
-            app_id=message.app_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
         try:
             await self._dead_letter_exchange.publish(
-                copy,
+                copy_with_headers(message, headers),
                 message.routing_key or ROUTING_KEY,
                 mandatory=True,
                 timeout=self._settings.publish_timeout_seconds,
