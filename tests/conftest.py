@@ -5,6 +5,7 @@ Queues and tables are emptied before every test, so tests may assume a clean sla
 
 import asyncio
 import base64
+import contextlib
 from collections.abc import AsyncIterator, Iterator
 
 import aio_pika
@@ -116,20 +117,38 @@ def bearer_auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
-@pytest.fixture
-async def app(settings: Settings) -> AsyncIterator[FastAPI]:
-    """The API app with its lifespan running and the publisher connected."""
+@contextlib.asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """An API app built from settings, its lifespan running and its publisher connected."""
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         await asyncio.wait_for(application.state.publisher.wait_ready(), timeout=10)
         yield application
 
 
+def client_for(app: FastAPI) -> httpx.AsyncClient:
+    """An HTTP client talking to an in-process app."""
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://score-ingest")
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client on an app of its own, built from settings."""
+    async with running_app(settings) as application, client_for(application) as c:
+        yield c
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """The API app with its lifespan running and the publisher connected."""
+    async with running_app(settings) as application:
+        yield application
+
+
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """An HTTP client talking to the in-process app."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://score-ingest") as c:
+    async with client_for(app) as c:
         yield c
 
 

@@ -2,33 +2,20 @@
 
 import asyncio
 import base64
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aio_pika
 import asyncpg
 import httpx
 import pytest
 
-from api.app import create_app
 from api.keys import create_key, revoke_key
 from shared.settings import Settings
 from shared.topology import QUEUE
-from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, score_body
+from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, score_body, serving
 from tests.support.tcp_proxy import TcpProxy
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
-
-
-@contextlib.asynccontextmanager
-async def _serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A client on an app of its own, built from settings, with its lifespan running."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app.state.publisher.wait_ready(), timeout=10)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://score-ingest") as c:
-            yield c
 
 
 async def _published_count(settings: Settings) -> int:
@@ -113,7 +100,7 @@ async def test_missing_or_invalid_key_is_401_with_challenge(
 async def test_revoked_key_is_401(settings: Settings, db: asyncpg.Connection) -> None:
     info, key = await create_key(db, ENTITY)
     assert await revoke_key(db, info.key_id)
-    async with _serving(settings.model_copy(update={"auth_cache_ttl_seconds": 0})) as client:
+    async with serving(settings.model_copy(update={"auth_cache_ttl_seconds": 0})) as client:
         _assert_unauthorized(await _post(client, basic_auth(key)))
         _assert_unauthorized(await _post(client, bearer_auth(key)))
     assert await _published_count(settings) == 0
@@ -124,7 +111,7 @@ async def test_revoking_a_used_key_takes_effect_after_the_cache_ttl(
 ) -> None:
     ttl = 0.3
     info, key = await create_key(db, ENTITY)
-    async with _serving(settings.model_copy(update={"auth_cache_ttl_seconds": ttl})) as client:
+    async with serving(settings.model_copy(update={"auth_cache_ttl_seconds": ttl})) as client:
         assert (await _post(client, basic_auth(key))).status_code == 200
         assert await revoke_key(db, info.key_id)
         # Within the TTL the cached verdict may still stand; either answer is allowed.
@@ -205,7 +192,7 @@ async def test_cached_key_survives_a_database_outage(
                 "auth_cache_ttl_seconds": ttl,
             }
         )
-        async with _serving(through_proxy) as client:
+        async with serving(through_proxy) as client:
             assert (await _post(client, basic_auth(cached_key))).status_code == 200
 
             await proxy.cut()

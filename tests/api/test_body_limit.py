@@ -1,47 +1,16 @@
 """The request body limit: 413 past it, declared or streamed; the limit itself still passes."""
 
-import asyncio
-import contextlib
 import json
 from collections.abc import AsyncIterator
 
-import aio_pika
 import httpx
-import pytest
 from aio_pika.abc import AbstractQueue
 
-from api.app import create_app
 from shared.settings import MIB, Settings
-from shared.topology import QUEUE
-from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
+from tests.conftest import ENTITY, PROJECT, score_body, serving
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
 CHUNK = 64 * 1024
-
-
-@contextlib.asynccontextmanager
-async def _serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A client on an app of its own, built from settings, with its lifespan running."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        await asyncio.wait_for(app.state.publisher.wait_ready(), timeout=10)
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://score-ingest") as c:
-            yield c
-
-
-@pytest.fixture
-async def persist_queue(settings: Settings) -> AsyncIterator[AbstractQueue]:
-    """scores.persist, read directly: with no worker running, published scores wait here."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        yield await channel.get_queue(QUEUE)
-
-
-@pytest.fixture
-def headers(api_key: str) -> dict[str, str]:
-    return {**basic_auth(api_key), "Content-Type": "application/json"}
 
 
 def _valid_body_of(size: int) -> bytes:
@@ -137,7 +106,7 @@ async def test_configured_limit_applies(
     settings: Settings, headers: dict[str, str], persist_queue: AbstractQueue
 ) -> None:
     limit = 2048
-    async with _serving(settings.model_copy(update={"max_body_bytes": limit})) as client:
+    async with serving(settings.model_copy(update={"max_body_bytes": limit})) as client:
         over = await client.post(URL, content=_valid_body_of(limit + 1), headers=headers)
         _assert_too_large(over, limit)
         streamed = await client.post(URL, content=_streamed(b"x" * (limit + 1)), headers=headers)

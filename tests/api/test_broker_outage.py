@@ -16,7 +16,7 @@ from fastapi import FastAPI
 
 from api.app import create_app
 from shared.settings import Settings
-from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, wait_for_count
+from tests.conftest import ENTITY, PROJECT, basic_auth, client_for, score_body, wait_for_count
 from tests.support.processes import api_process, running_worker
 from tests.support.tcp_proxy import TcpProxy
 
@@ -102,8 +102,7 @@ async def proxied_api(settings: Settings, proxy: TcpProxy) -> AsyncIterator[Fast
 @contextlib.asynccontextmanager
 async def score_client(application: FastAPI, key: str) -> AsyncIterator[ScoreClient]:
     """A ScoreClient for the in-process app."""
-    transport = httpx.ASGITransport(app=application)
-    async with httpx.AsyncClient(transport=transport, base_url="http://score-ingest") as client:
+    async with client_for(application) as client:
         yield ScoreClient(client, key)
 
 

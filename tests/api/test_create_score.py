@@ -4,32 +4,20 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
 import asyncpg
 import httpx
-import pytest
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from shared.contract import ScoreMessage
-from shared.settings import Settings
 from shared.topology import EXCHANGE, QUEUE, ROUTING_KEY
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, wait_for_count
 from worker.worker import ScoreWorker
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
-
-
-@pytest.fixture
-async def persist_queue(settings: Settings) -> AsyncIterator[AbstractQueue]:
-    """scores.persist, read directly: with no worker running, published scores wait here."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        yield await channel.get_queue(QUEUE)
 
 
 async def _take_only_message(queue: AbstractQueue) -> AbstractIncomingMessage:

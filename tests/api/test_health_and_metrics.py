@@ -8,9 +8,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.app import create_app
 from shared.settings import Settings
-from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
+from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, serving
 from tests.support.tcp_proxy import TcpProxy
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -64,14 +63,9 @@ async def test_ops_endpoints_are_not_in_openapi(client: httpx.AsyncClient) -> No
 async def proxied_client(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, TcpProxy]]:
     """A client of an app that reaches the broker only through a proxy the test can cut."""
     async with TcpProxy.for_url(settings.amqp_url) as proxy:
-        app = create_app(
-            settings.model_copy(update={"amqp_url": proxy.url_through(settings.amqp_url)})
-        )
-        async with app.router.lifespan_context(app):
-            await asyncio.wait_for(app.state.publisher.wait_ready(), timeout=10)
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-                yield client, proxy
+        proxied = settings.model_copy(update={"amqp_url": proxy.url_through(settings.amqp_url)})
+        async with serving(proxied) as client:
+            yield client, proxy
 
 
 async def wait_for_status(

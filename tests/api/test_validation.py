@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -18,27 +17,11 @@ from hypothesis import strategies as st
 from api.keys import create_key
 from shared.contract import ScoreMessage
 from shared.settings import Settings
-from shared.topology import QUEUE
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
 from worker.store import ScoreStore
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
 SCORER_PREFIX = f"weave:///{ENTITY}/{PROJECT}/object/"
-
-
-@pytest.fixture
-async def persist_queue(settings: Settings) -> AsyncIterator[AbstractQueue]:
-    """scores.persist, read directly: with no worker running, published scores wait here."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        yield await channel.get_queue(QUEUE)
-
-
-@pytest.fixture
-def headers(api_key: str) -> dict[str, str]:
-    """A valid key, and a JSON content type for bodies sent as raw bytes."""
-    return {**basic_auth(api_key), "Content-Type": "application/json"}
 
 
 def _raw(body: object) -> bytes:
