@@ -13,23 +13,28 @@ from urllib.parse import urlsplit, urlunsplit
 
 
 class TcpProxy:
-    """Forwards 127.0.0.1:<port> to a target; `cut()` and `restore()` toggle it."""
+    """Forwards 127.0.0.1:<port> to a target; `cut()` and `restore()` toggle it.
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    `latency` delays every chunk the target sends back by that many seconds, as a slow
+    link would: chunks still arrive in order, each `latency` after it was sent.
+    """
+
+    def __init__(self, target_host: str, target_port: int, latency: float = 0.0) -> None:
         self.target_host = target_host
         self.target_port = target_port
+        self.latency = latency
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
 
     @classmethod
-    def for_url(cls, url: str) -> "TcpProxy":
+    def for_url(cls, url: str, latency: float = 0.0) -> "TcpProxy":
         """A proxy to the host and port of a service URL."""
         parts = urlsplit(url)
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"no host and port in {url!r}")
-        return cls(parts.hostname, parts.port)
+        return cls(parts.hostname, parts.port, latency)
 
     def url_through(self, url: str) -> str:
         """The same URL, pointed at this proxy."""
@@ -80,7 +85,7 @@ class TcpProxy:
         self._writers.update((writer, up_writer))
         pipes = (
             asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer)),
+            asyncio.create_task(self._pipe(up_reader, writer, self.latency)),
         )
         self._pipes.update(pipes)
         try:
@@ -91,10 +96,28 @@ class TcpProxy:
                 self._writers.discard(w)
                 w.transport.abort()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        # One direction ended: end the other too, as a real peer would.
-        writer.transport.abort()
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency: float = 0.0
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        # (due time, chunk); an empty chunk marks the end of the stream.
+        in_flight: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            with contextlib.suppress(OSError):
+                while (item := await in_flight.get())[1]:
+                    await asyncio.sleep(max(0.0, item[0] - loop.time()))
+                    writer.write(item[1])
+                    await writer.drain()
+
+        delivering = asyncio.create_task(deliver())
+        try:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                while data := await reader.read(65536):
+                    in_flight.put_nowait((loop.time() + latency, data))
+            in_flight.put_nowait((loop.time(), b""))
+            await delivering
+        finally:
+            delivering.cancel()
+            # One direction ended: end the other too, as a real peer would.
+            writer.transport.abort()
