@@ -2,19 +2,26 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUNTIME := $(VENV)/.installed-runtime
+DEV := $(VENV)/.installed-dev
 
-.PHONY: install run test lint format bench schema image up clean
+.PHONY: install install-runtime run test lint format bench schema image up clean
 
-install: $(STAMP)
+# `make run` needs only the service's own dependencies; everything else needs the dev tools.
+install-runtime: $(RUNTIME)
+install: $(DEV)
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet -e .
+	touch $(RUNTIME)
 
-run: install
+$(DEV): $(RUNTIME)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(DEV)
+
+run: install-runtime
 	$(BIN)/score-ingest run
 
 test: install
