@@ -5,6 +5,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
@@ -18,6 +19,8 @@ from shared.settings import Settings
 from shared.topology import ROUTING_KEY, declare_topology
 
 log = logging.getLogger(__name__)
+
+_BLOCK_CHECK_SECONDS = 0.05
 
 
 def to_amqp_message(message: ScoreMessage) -> aio_pika.Message:
@@ -97,13 +100,25 @@ class ScorePublisher:
         if exchange is None or not self.ready:
             raise _refused("unavailable", "message broker is not connected")
         started = time.perf_counter()
-        try:
-            await exchange.publish(
+        publishing = asyncio.ensure_future(
+            exchange.publish(
                 to_amqp_message(message),
                 ROUTING_KEY,
                 mandatory=True,
                 timeout=self._settings.publish_timeout_seconds,
             )
+        )
+        publishing.add_done_callback(_retrieve_outcome)
+        try:
+            while not (await asyncio.wait({publishing}, timeout=_BLOCK_CHECK_SECONDS))[0]:
+                # RabbitMQ blocks a connection on its first publish after a resource alarm,
+                # and that publish's confirm waits for the alarm to clear: notice the block
+                # within one check instead of waiting out the whole timeout.
+                if self.blocked:
+                    raise _refused(
+                        "blocked", "message broker is blocking publishers (resource alarm)"
+                    )
+            publishing.result()
         except PublishError as exc:  # returned as unroutable: no queue bound to the exchange
             raise _refused("unroutable", "message broker could not route the score") from exc
         except DeliveryError as exc:  # nacked, e.g. scores.persist is at its length limit
@@ -142,6 +157,13 @@ def _log_failure(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
         # Typically PRECONDITION_FAILED: scores.persist exists with other arguments.
         log.error("publisher cannot set up the broker topology", exc_info=task.exception())
+
+
+def _retrieve_outcome(publishing: asyncio.Future[Any]) -> None:
+    # A publish given up on (blocked, or the request went away) still ends some day;
+    # taking its outcome here keeps asyncio from reporting it as never retrieved.
+    if not publishing.cancelled():
+        publishing.exception()
 
 
 def _refused(reason: str, detail: str) -> BrokerUnavailable:

@@ -14,9 +14,11 @@ import os
 import pwd
 import shutil
 import signal
+import subprocess
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.support.processes import free_port
@@ -27,11 +29,15 @@ RABBITMQ_USER = "rabbitmq"
 BOOT_TIMEOUT_SECONDS = 60.0
 CTL_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
+# RabbitMQ's default vm_memory_high_watermark.
+DEFAULT_MEMORY_HIGH_WATERMARK = "0.4"
+ALARM_TIMEOUT_SECONDS = 10.0
+MEMORY_ALARM = "Memory alarm"
 _LOG_TAIL_CHARS = 4000
 
 
 class RabbitMQNodeError(AssertionError):
-    """The node did not do what the test asked; the message carries its log."""
+    """The node did not do what the test asked; the message carries its logs."""
 
 
 class RabbitMQNode:
@@ -41,44 +47,57 @@ class RabbitMQNode:
         self.name = name
         self.amqp_port = amqp_port
         self.directory = directory
+        self.memory_alarm = False
 
     @property
     def amqp_url(self) -> str:
         """The default vhost of this node, as guest (allowed from localhost only)."""
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
 
+    def command(self, tool: str, *args: str) -> list[str]:
+        """The argv of a RabbitMQ CLI tool (`rabbitmqctl`, `rabbitmq-diagnostics`) for this node."""
+        return [tool, "-n", self.name, "-q", *args]
+
     async def ctl(self, *args: str) -> str:
-        """Run `rabbitmqctl -n <node> args` and return its output; fail if it fails."""
-        process = await asyncio.create_subprocess_exec(
-            "rabbitmqctl",
-            "-n",
-            self.name,
-            *args,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        """Run `rabbitmqctl -n <node> args` without blocking the event loop; fail if it fails."""
+        return await self._run("rabbitmqctl", *args)
+
+    def ctl_sync(self, *args: str) -> str:
+        """`ctl` for code that runs outside an event loop (booting and stopping)."""
         try:
-            output, _ = await asyncio.wait_for(process.communicate(), CTL_TIMEOUT_SECONDS)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise self.failure(f"rabbitmqctl {' '.join(args)} took over {CTL_TIMEOUT_SECONDS}s")
-        text = output.decode(errors="replace")
-        if process.returncode != 0:
-            raise self.failure(f"rabbitmqctl {' '.join(args)} exited {process.returncode}: {text}")
-        return text
+            result = subprocess.run(
+                self.command("rabbitmqctl", *args),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                check=False,
+                timeout=CTL_TIMEOUT_SECONDS,
+            )
+        except subprocess.TimeoutExpired:
+            return self._checked(("rabbitmqctl", *args), None, b"")
+        return self._checked(("rabbitmqctl", *args), result.returncode, result.stdout)
+
+    async def alarms(self) -> str:
+        """The resource alarms in effect, as `rabbitmq-diagnostics alarms` lists them."""
+        return await self._run("rabbitmq-diagnostics", "alarms")
 
     async def raise_memory_alarm(self) -> None:
-        """Set the memory high watermark to 0: the node blocks every publishing connection."""
+        """Set the memory high watermark to 0; returns once the node reports the alarm.
+
+        From then on the node blocks every connection that publishes.
+        """
+        self.memory_alarm = True
         await self.ctl("set_vm_memory_high_watermark", "0")
+        await self._wait_for_alarms(lambda listed: MEMORY_ALARM in listed, "the memory alarm")
 
     async def clear_memory_alarm(self) -> None:
-        """Put the watermark back to RabbitMQ's default, which clears the alarm."""
-        await self.ctl("set_vm_memory_high_watermark", "0.4")
+        """Put the watermark back to RabbitMQ's default; returns once the alarm is gone."""
+        await self.ctl("set_vm_memory_high_watermark", DEFAULT_MEMORY_HIGH_WATERMARK)
+        await self._wait_for_alarms(lambda listed: MEMORY_ALARM not in listed, "no memory alarm")
+        self.memory_alarm = False
 
     async def stop_app(self) -> None:
-        """Stop the RabbitMQ application (connections drop, the port closes); data stays."""
+        """Stop the RabbitMQ application: connections drop, the port closes, data stays."""
         await self.ctl("stop_app")
 
     async def start_app(self) -> None:
@@ -102,20 +121,93 @@ class RabbitMQNode:
     def log_tail(self) -> str:
         """The last lines the node wrote, for failure messages."""
         parts = []
-        for path in sorted(self.directory.glob("*.out")) + sorted(self.directory.glob("log/*")):
+        for path in [self.directory / "server.out", *sorted(self.directory.glob("log/*.log"))]:
             with contextlib.suppress(OSError):
                 text = path.read_text(errors="replace")
                 parts.append(f"----- {path.name} -----\n{text[-_LOG_TAIL_CHARS:]}")
         return "\n".join(parts)
 
+    async def _run(self, tool: str, *args: str) -> str:
+        process = await asyncio.create_subprocess_exec(
+            *self.command(tool, *args),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), CTL_TIMEOUT_SECONDS)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            return self._checked((tool, *args), None, b"")
+        return self._checked((tool, *args), process.returncode, output)
 
-def _run_as() -> pwd.struct_passwd:
-    """The account the node runs under: `rabbitmq`, which needs root (or it) to start."""
+    async def _wait_for_alarms(self, condition: Callable[[str], bool], what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ALARM_TIMEOUT_SECONDS
+        while not condition(listed := await self.alarms()):
+            if loop.time() > deadline:
+                raise self.failure(f"{what} not within {ALARM_TIMEOUT_SECONDS}s: {listed!r}")
+            await asyncio.sleep(0.1)
+
+    def _checked(self, args: tuple[str, ...], returncode: int | None, output: bytes) -> str:
+        command = " ".join(args)
+        if returncode is None:
+            raise self.failure(f"{command} took over {CTL_TIMEOUT_SECONDS}s")
+        text = output.decode(errors="replace")
+        if returncode != 0:
+            raise self.failure(f"{command} exited {returncode}: {text}")
+        return text
+
+
+@contextlib.contextmanager
+def rabbitmq_node() -> Iterator[RabbitMQNode]:
+    """Boot a fresh node, yield it once it has started, then stop it and remove its files.
+
+    Synchronous, so that a module-scoped fixture can share one node (booting takes 5-10 s);
+    the node's own methods are async, so that controlling it never stalls a test's event
+    loop. The node is stopped (failing that, killed) and its directory removed however the
+    test ends.
+    """
+    account = _account()
+    name = f"score-ingest-test-{uuid.uuid4().hex[:8]}@localhost"
+    amqp_port = free_port()
+    directory = Path(tempfile.mkdtemp(prefix="score-ingest-rabbitmq-"))
+    node = RabbitMQNode(name, amqp_port, directory)
+    process: subprocess.Popen[bytes] | None = None
+    try:
+        (directory / "enabled_plugins").write_text("[].\n")
+        (directory / "node.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n")
+        _chown_tree(directory, account)
+        with (directory / "server.out").open("wb") as out:
+            process = subprocess.Popen(
+                [RABBITMQ_SERVER],
+                cwd=directory,
+                env=_node_environment(node, account),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                user=account.pw_uid,
+                group=account.pw_gid,
+                extra_groups=[],
+                # Its own process group, so that cleanup can end the node and nothing else.
+                start_new_session=True,
+            )
+        _wait_until_booted(node, process)
+        yield node
+    finally:
+        if process is not None:
+            _stop(node, process)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _account() -> pwd.struct_passwd:
+    """The account the node runs under: `rabbitmq`, which only root (or it) can start."""
     account = pwd.getpwnam(RABBITMQ_USER)
     if os.geteuid() not in (0, account.pw_uid):
         raise RuntimeError(
-            f"starting a RabbitMQ node of the test's own needs root or the {RABBITMQ_USER!r} "
-            "user (rabbitmq-server runs only as that user)"
+            f"a RabbitMQ node of the test's own needs the tests to run as root or as "
+            f"{RABBITMQ_USER!r}: rabbitmq-server runs only as that user"
         )
     return account
 
@@ -125,14 +217,15 @@ def _chown_tree(directory: Path, account: pwd.struct_passwd) -> None:
         os.chown(path, account.pw_uid, account.pw_gid)
 
 
-def _node_environment(name: str, amqp_port: int, directory: Path, home: str) -> dict[str, str]:
+def _node_environment(node: RabbitMQNode, account: pwd.struct_passwd) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("RABBITMQ_")}
+    directory = node.directory
     env.update(
         {
-            # The cookie that rabbitmqctl also reads, so the CLI may control the node.
-            "HOME": home,
-            "RABBITMQ_NODENAME": name,
-            "RABBITMQ_NODE_PORT": str(amqp_port),
+            # Where the Erlang cookie lives that rabbitmqctl also reads.
+            "HOME": account.pw_dir,
+            "RABBITMQ_NODENAME": node.name,
+            "RABBITMQ_NODE_PORT": str(node.amqp_port),
             "RABBITMQ_DIST_PORT": str(free_port()),
             "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
             "RABBITMQ_LOG_BASE": str(directory / "log"),
@@ -146,65 +239,25 @@ def _node_environment(name: str, amqp_port: int, directory: Path, home: str) -> 
     return env
 
 
-@contextlib.asynccontextmanager
-async def rabbitmq_node() -> AsyncIterator[RabbitMQNode]:
-    """Boot a fresh node, yield it once it accepts AMQP connections, then stop and remove it.
-
-    The node is stopped (and, failing that, killed) and its directory removed however the
-    test ends.
-    """
-    account = _run_as()
-    name = f"score-ingest-test-{uuid.uuid4().hex[:8]}@localhost"
-    amqp_port = free_port()
-    directory = Path(tempfile.mkdtemp(prefix="score-ingest-rabbitmq-"))
-    node = RabbitMQNode(name, amqp_port, directory)
-    process: asyncio.subprocess.Process | None = None
-    try:
-        (directory / "enabled_plugins").write_text("[].\n")
-        (directory / "node.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n")
-        _chown_tree(directory, account)
-        with (directory / "server.out").open("wb") as out:
-            process = await asyncio.create_subprocess_exec(
-                RABBITMQ_SERVER,
-                cwd=directory,
-                env=_node_environment(name, amqp_port, directory, account.pw_dir),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                user=account.pw_uid,
-                group=account.pw_gid,
-                extra_groups=[],
-                # Its own process group, so that cleanup can end the node and nothing else.
-                start_new_session=True,
-            )
-        await _wait_until_booted(node, process)
-        yield node
-    finally:
-        if process is not None:
-            await _stop(node, process)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-async def _wait_until_booted(node: RabbitMQNode, process: asyncio.subprocess.Process) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + BOOT_TIMEOUT_SECONDS
-    while not await asyncio.to_thread(port_open, "127.0.0.1", node.amqp_port):
-        if process.returncode is not None:
+def _wait_until_booted(node: RabbitMQNode, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
+    while not port_open("127.0.0.1", node.amqp_port):
+        if process.poll() is not None:
             raise node.failure(f"rabbitmq-server exited with {process.returncode} while booting")
-        if loop.time() > deadline:
+        if time.monotonic() > deadline:
             raise node.failure(f"did not accept AMQP connections within {BOOT_TIMEOUT_SECONDS}s")
-        await asyncio.sleep(0.1)
-    await node.ctl("await_startup")
+        time.sleep(0.1)
+    node.ctl_sync("await_startup")
 
 
-async def _stop(node: RabbitMQNode, process: asyncio.subprocess.Process) -> None:
-    if process.returncode is None:
+def _stop(node: RabbitMQNode, process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
         with contextlib.suppress(RabbitMQNodeError):
-            await node.ctl("stop")
+            node.ctl_sync("stop")
     try:
-        await asyncio.wait_for(process.wait(), STOP_TIMEOUT_SECONDS)
-    except TimeoutError:
-        # The node ignored `stop`: end its process group (the group we started), by id.
+        process.wait(STOP_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        # The node ignored `stop`: end the process group we started for it, by its id.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        await process.wait()
+        process.wait()
