@@ -5,6 +5,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import aio_pika
@@ -49,11 +50,25 @@ class ScorePublisher:
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._connecting: asyncio.Task[None] | None = None
+        self._watching: asyncio.Task[None] | None = None
+        self._in_flight: set[asyncio.Future[None]] = set()
 
     def start(self) -> None:
         """Begin connecting in the background; until connected, publishes answer 503."""
         self._connecting = asyncio.create_task(self._connect_until_ready())
         self._connecting.add_done_callback(_log_failure)
+        self._watching = asyncio.create_task(self._fail_in_flight_when_blocked())
+
+    async def _fail_in_flight_when_blocked(self) -> None:
+        # RabbitMQ blocks a connection on its first publish after a resource alarm, and the
+        # confirms of publishes in flight wait for the alarm to clear. One watcher for all
+        # of them turns that into a 503 within one check, not after the whole timeout.
+        while True:
+            await asyncio.sleep(_BLOCK_CHECK_SECONDS)
+            if self._in_flight and self.blocked:
+                for outcome in self._in_flight:
+                    if not outcome.done():
+                        outcome.set_exception(_Blocked())
 
     async def wait_ready(self) -> None:
         """Wait until the first connection is up."""
@@ -108,17 +123,15 @@ class ScorePublisher:
                 timeout=self._settings.publish_timeout_seconds,
             )
         )
-        publishing.add_done_callback(_retrieve_outcome)
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        publishing.add_done_callback(partial(_pass_on, outcome))
+        self._in_flight.add(outcome)
         try:
-            while not (await asyncio.wait({publishing}, timeout=_BLOCK_CHECK_SECONDS))[0]:
-                # RabbitMQ blocks a connection on its first publish after a resource alarm,
-                # and that publish's confirm waits for the alarm to clear: notice the block
-                # within one check instead of waiting out the whole timeout.
-                if self.blocked:
-                    raise _refused(
-                        "blocked", "message broker is blocking publishers (resource alarm)"
-                    )
-            publishing.result()
+            await outcome
+        except _Blocked as exc:
+            raise _refused(
+                "blocked", "message broker is blocking publishers (resource alarm)"
+            ) from exc
         except PublishError as exc:  # returned as unroutable: no queue bound to the exchange
             raise _refused("unroutable", "message broker could not route the score") from exc
         except DeliveryError as exc:  # nacked, e.g. scores.persist is at its length limit
@@ -127,6 +140,8 @@ class ScorePublisher:
             raise _refused("timeout", "message broker did not confirm the score in time") from exc
         except CONNECTION_EXCEPTIONS as exc:
             raise _refused("unavailable", "lost the connection to the message broker") from exc
+        finally:
+            self._in_flight.discard(outcome)
         PUBLISH_CONFIRM_SECONDS.observe(time.perf_counter() - started)
         SCORES_ACCEPTED.inc()
 
@@ -145,10 +160,11 @@ class ScorePublisher:
 
     async def close(self) -> None:
         """Stop connecting and close the connection."""
-        if self._connecting is not None:
-            self._connecting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._connecting
+        for task in (self._connecting, self._watching):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._connection is not None:
             await self._connection.close()
 
@@ -159,11 +175,23 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.error("publisher cannot set up the broker topology", exc_info=task.exception())
 
 
-def _retrieve_outcome(publishing: asyncio.Future[Any]) -> None:
-    # A publish given up on (blocked, or the request went away) still ends some day;
-    # taking its outcome here keeps asyncio from reporting it as never retrieved.
-    if not publishing.cancelled():
-        publishing.exception()
+class _Blocked(Exception):
+    """The broker blocked the connection while this publish waited for its confirm."""
+
+
+def _pass_on(outcome: asyncio.Future[None], publishing: asyncio.Future[Any]) -> None:
+    """Hand a finished publish's result to the request's outcome, unless it already gave up."""
+    if publishing.cancelled():
+        if not outcome.done():
+            outcome.cancel()
+        return
+    error = publishing.exception()  # also marks it retrieved when nobody waits any more
+    if outcome.done():
+        return
+    if error is None:
+        outcome.set_result(None)
+    else:
+        outcome.set_exception(error)
 
 
 def _refused(reason: str, detail: str) -> BrokerUnavailable:
