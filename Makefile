@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: install install-runtime run test lint format bench schema image up clean
+.PHONY: install install-runtime run test lint format schema image up clean
 
 # `make run` needs only the service's own dependencies; everything else needs the dev tools.
 install-runtime: $(RUNTIME)
