@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: install install-runtime run test lint format schema image up clean
+.PHONY: install install-runtime run test lint format bench schema image up clean
 
 # `make run` needs only the service's own dependencies; everything else needs the dev tools.
 install-runtime: $(RUNTIME)
@@ -35,6 +35,12 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# The benchmark needs wrk (Debian's package) and a few packages of its own (bench/requirements.txt).
+bench: install
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
+	$(BIN)/python -m bench.run
 
 schema: install
 	$(BIN)/score-ingest schema > shared/score-message.schema.json

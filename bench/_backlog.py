@@ -1,0 +1,186 @@
+"""Backlogs: publish many scores straight to the broker, then time a worker draining them."""
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+
+from bench._frames import publish_frames
+from bench._services import BenchError, ServerProcess
+from bench._system import CpuWindow, cpu_seconds, memory_kib
+from shared.topology import QUEUE
+
+_POLL_SECONDS = 0.25
+_PERSISTED_METRIC = "score_ingest_scores_persisted_total "
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """How fast the bench filled the queue, every message confirmed by the broker."""
+
+    messages: int
+    seconds: float
+    per_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in results.json."""
+        return asdict(self)
+
+
+async def queue_depth(amqp_url: str) -> int:
+    """Ready messages in scores.persist (those a consumer holds unacknowledged not counted)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        declared = await channel.declare_queue(QUEUE, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def purge_queue(amqp_url: str) -> int:
+    """Empty scores.persist (no consumer may be running); returns how many it held."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(QUEUE, passive=True)
+        purged = await queue.purge()
+        return purged.message_count or 0
+
+
+async def publish_backlog(amqp_url: str, count: int, project: str) -> PublishResult:
+    """Publish count valid scores to exchange `scores`, every one confirmed; timed."""
+    started = time.monotonic()
+    await publish_frames(amqp_url, count, project)
+    seconds = time.monotonic() - started
+    return PublishResult(count, round(seconds, 2), round(count / seconds, 1))
+
+
+@dataclass(frozen=True)
+class DrainResult:
+    """A worker draining a backlog: how fast, whether it emptied, and its memory meanwhile."""
+
+    backlog: int
+    drained: int
+    seconds: float
+    per_s: float
+    rows: int
+    rows_per_s: float
+    queue_ready_after: int
+    worker_rss_after_start_kib: int
+    worker_rss_last_kib: int
+    worker_rss_peak_kib: int
+    worker_cpu_percent: float
+    cpu_percent: dict[str, float]
+    rss_by_drained: list[tuple[int, int]]
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in results.json."""
+        return asdict(self)
+
+
+async def _persisted_total(session: aiohttp.ClientSession, metrics_url: str) -> int:
+    async with session.get(metrics_url) as res:
+        text = await res.text()
+    for line in text.splitlines():
+        if line.startswith(_PERSISTED_METRIC):
+            return int(float(line.removeprefix(_PERSISTED_METRIC)))
+    return 0
+
+
+async def rows_stored(database_url: str, project: str) -> tuple[int, float]:
+    """How many rows the project has, and over how many seconds of commits they came in."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT count(*), extract(epoch FROM max(persisted_at) - min(persisted_at))"
+            " FROM scores WHERE entity = 'bench' AND project = $1",
+            project,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return int(row[0]), float(row[1] or 0.0)
+
+
+def _spread(samples: list[tuple[int, int]], points: int = 20) -> list[tuple[int, int]]:
+    if len(samples) <= points:
+        return samples
+    step = len(samples) / points
+    return [*(samples[int(i * step)] for i in range(points)), samples[-1]]
+
+
+async def measure_drain(
+    *,
+    start_worker: Callable[[], ServerProcess],
+    metrics_url: str,
+    amqp_url: str,
+    database_url: str,
+    project: str,
+    backlog: int,
+    drain_until: int,
+    timeout_s: float,
+    watch: dict[str, int],
+    while_draining: Callable[[int], Coroutine[Any, Any, object]] | None = None,
+) -> DrainResult:
+    """Start a worker on a full queue and time it until drain_until scores are stored.
+
+    The clock starts when the worker process is spawned, so start-up counts against it.
+    Its resident memory is sampled as it goes, against how much it has drained.
+    `while_draining(pid)` (a profiler) starts once the worker has stored its first scores.
+    CPU use (`watch` names pids) is read before the worker stops, while its PostgreSQL
+    backends still exist.
+    """
+    window = CpuWindow(watch)
+    worker = start_worker()
+    samples: list[tuple[int, int]] = []
+    drained = 0
+    side_task: asyncio.Task[object] | None = None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while True:
+            elapsed = time.monotonic() - worker.started_at
+            if elapsed > timeout_s:
+                raise BenchError(
+                    f"the worker drained {drained} of {drain_until} in {timeout_s:.0f}s:\n"
+                    + worker.log_tail()
+                )
+            try:
+                drained = await _persisted_total(session, metrics_url)
+            except (aiohttp.ClientError, TimeoutError):
+                drained = 0  # not serving yet
+            rss = memory_kib(worker.pid, "VmRSS")
+            if rss is None:
+                raise BenchError(f"the worker exited while draining:\n{worker.log_tail()}")
+            samples.append((drained, rss))
+            if drained >= drain_until:
+                break
+            if drained > 0 and while_draining is not None and side_task is None:
+                side_task = asyncio.create_task(while_draining(worker.pid))
+            await asyncio.sleep(_POLL_SECONDS)
+    if side_task is not None:
+        await side_task
+    seconds = time.monotonic() - worker.started_at
+    peak = max(memory_kib(worker.pid, "VmHWM") or 0, *(rss for _, rss in samples))
+    cpu = cpu_seconds(worker.pid) or 0.0
+    used = window.finish()
+    worker.stop()
+    rows, commit_span = await rows_stored(database_url, project)
+    after_start = next((rss for done, rss in samples if done > 0), samples[-1][1])
+    return DrainResult(
+        backlog=backlog,
+        drained=drained,
+        seconds=round(seconds, 2),
+        per_s=round(drained / seconds, 1),
+        rows=rows,
+        rows_per_s=round(rows / commit_span, 1) if commit_span > 0 else 0.0,
+        queue_ready_after=await queue_depth(amqp_url),
+        worker_rss_after_start_kib=after_start,
+        worker_rss_last_kib=samples[-1][1],
+        worker_rss_peak_kib=peak,
+        worker_cpu_percent=round(100 * cpu / seconds, 1),
+        cpu_percent=used,
+        rss_by_drained=_spread(samples),
+    )

@@ -1,0 +1,278 @@
+"""Load generators: wrk for closed-loop maximum load, a paced Python client for a fixed rate.
+
+wrk has no rate limit (wrk2 is not packaged in Debian), so the fixed-rate run is an open-loop
+aiohttp client that sends on a schedule and measures latency from the scheduled time, which
+keeps a slow server from hiding its queueing delay (coordinated omission). The same client
+records when each 200 arrived and polls PostgreSQL until the score's row is readable.
+"""
+
+import asyncio
+import contextlib
+import json
+import math
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from bench._services import BenchError, tool
+from bench._system import CpuWindow
+
+LUA_SCRIPT = Path(__file__).with_name("post_score.lua")
+_RESULT_PREFIX = "BENCH_RESULT "
+_VISIBILITY_POLL_SECONDS = 0.01
+_VISIBILITY_TIMEOUT_SECONDS = 30.0
+_FIND_VISIBLE = "SELECT score_id::text FROM scores WHERE score_id = ANY($1::uuid[])"
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The pct-th percentile (nearest rank) of values; NaN for none."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class WrkResult:
+    """One wrk run: throughput, latency, errors, and who used the CPU meanwhile."""
+
+    connections: int
+    threads: int
+    duration_s: float
+    requests: int
+    requests_per_s: float
+    latency_p50_ms: float
+    latency_p90_ms: float
+    latency_p99_ms: float
+    latency_max_ms: float
+    non_2xx: int
+    socket_errors: int
+    cpu_percent: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in results.json."""
+        return asdict(self)
+
+
+async def run_wrk(
+    url: str,
+    *,
+    path: str,
+    authorization: str,
+    body_file: Path,
+    connections: int,
+    threads: int,
+    duration_s: float,
+    watch: dict[str, int],
+) -> WrkResult:
+    """POST body_file to url+path for duration_s with wrk; watch maps names to pids for CPU%."""
+    env = {
+        "BENCH_PATH": path,
+        "BENCH_AUTHORIZATION": authorization,
+        "BENCH_BODY_FILE": str(body_file),
+    }
+    argv = [
+        tool("wrk"), f"-t{threads}", f"-c{connections}", f"-d{duration_s:g}s", "--timeout", "10s",
+        "-s", str(LUA_SCRIPT), url,
+    ]  # fmt: skip
+    # wrk's own CPU: what our finished children used, which during this call is wrk alone.
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    window = CpuWindow(watch)
+    started = time.monotonic()
+    process = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    wall = time.monotonic() - started
+    cpu = window.finish()
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_cpu = (
+        children_after.ru_utime + children_after.ru_stime
+        - children_before.ru_utime - children_before.ru_stime
+    )  # fmt: skip
+    cpu["wrk"] = round(100 * wrk_cpu / wall, 1)
+    text = output.decode(errors="replace")
+    lines = [line for line in text.splitlines() if line.startswith(_RESULT_PREFIX)]
+    if process.returncode != 0 or not lines:
+        raise BenchError(f"wrk failed ({process.returncode}):\n{text}")
+    raw = json.loads(lines[-1].removeprefix(_RESULT_PREFIX))
+    seconds = raw["duration_us"] / 1e6
+    return WrkResult(
+        connections=connections,
+        threads=threads,
+        duration_s=round(seconds, 2),
+        requests=raw["requests"],
+        requests_per_s=round(raw["requests"] / seconds, 1),
+        latency_p50_ms=raw["latency_p50_us"] / 1000,
+        latency_p90_ms=raw["latency_p90_us"] / 1000,
+        latency_p99_ms=raw["latency_p99_us"] / 1000,
+        latency_max_ms=raw["latency_max_us"] / 1000,
+        non_2xx=raw["non_2xx_3xx"],
+        socket_errors=sum(
+            raw[key] for key in ("connect_errors", "read_errors", "write_errors", "timeouts")
+        ),
+        cpu_percent=cpu,
+    )
+
+
+@dataclass(frozen=True)
+class PacedResult:
+    """A fixed-rate run: did the client hold the rate, and how soon were the scores readable."""
+
+    target_rate_per_s: float
+    achieved_rate_per_s: float
+    sent: int
+    ok: int
+    non_2xx: int
+    errors: int
+    max_send_lag_ms: float
+    client_cpu_percent: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+    latency_over_500ms: int
+    slow_seconds: list[dict[str, float]]
+    visibility_p50_ms: float
+    visibility_p99_ms: float
+    visibility_max_ms: float
+    never_visible: int
+    poll_interval_ms: float
+    cpu_percent: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in results.json."""
+        return asdict(self)
+
+
+def _slow_seconds(timeline: list[tuple[float, float]]) -> list[dict[str, float]]:
+    """The seconds of a run (by scheduled send time) in which some request took > 500 ms."""
+    seconds: dict[int, list[float]] = {}
+    for offset, latency in timeline:
+        seconds.setdefault(int(offset), []).append(latency)
+    return [
+        {
+            "second": second,
+            "requests": len(latencies),
+            "over_500ms": sum(1 for latency in latencies if latency > 0.5),
+            "max_ms": round(1000 * max(latencies), 1),
+        }
+        for second, latencies in sorted(seconds.items())
+        if max(latencies) > 0.5
+    ]
+
+
+class _Visibility:
+    """Polls PostgreSQL for the rows of answered scores; a row's visibility time is the start
+    of the first query that saw it (its snapshot), so it errs late by at most one interval."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+        self.pending: dict[str, float] = {}
+        self.delays: list[float] = []
+
+    async def poll_until(self, stop: asyncio.Event) -> None:
+        while not (stop.is_set() and not self.pending):
+            if self.pending:
+                ids = list(self.pending)
+                started = time.perf_counter()
+                for row in await self._conn.fetch(_FIND_VISIBLE, ids):
+                    answered = self.pending.pop(row[0])
+                    self.delays.append(started - answered)
+            await asyncio.sleep(_VISIBILITY_POLL_SECONDS)
+
+
+async def run_paced(
+    url: str,
+    *,
+    authorization: str,
+    body: bytes,
+    rate_per_s: float,
+    duration_s: float,
+    connections: int,
+    database_url: str,
+    watch: dict[str, int],
+) -> PacedResult:
+    """POST body to url at rate_per_s for duration_s; measure latency and 200-to-readable."""
+    total = int(rate_per_s * duration_s)
+    latencies: list[float] = []
+    timeline: list[tuple[float, float]] = []
+    send_lags: list[float] = []
+    statuses: dict[int, int] = {}
+    errors = 0
+    conn = await asyncpg.connect(database_url)
+    visibility = _Visibility(conn)
+    stop_polling = asyncio.Event()
+    headers = {"Authorization": authorization, "Content-Type": "application/json"}
+
+    async def post(session: aiohttp.ClientSession, scheduled: float) -> None:
+        nonlocal errors
+        send_lags.append(time.perf_counter() - scheduled)
+        try:
+            async with session.post(url, data=body, headers=headers) as res:
+                payload = await res.read()
+                answered = time.perf_counter()
+                statuses[res.status] = statuses.get(res.status, 0) + 1
+                if res.status == 200:
+                    visibility.pending[json.loads(payload)["score_id"]] = answered
+                    latencies.append(answered - scheduled)
+                    timeline.append((scheduled - start, answered - scheduled))
+        except (aiohttp.ClientError, TimeoutError):
+            errors += 1
+
+    connector = aiohttp.TCPConnector(limit=connections)
+    timeout = aiohttp.ClientTimeout(total=30)
+    window = CpuWindow(watch)
+    cpu_before = time.process_time()
+    try:
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            poller = asyncio.create_task(visibility.poll_until(stop_polling))
+            start = time.perf_counter() + 0.05  # the schedule's origin; post() reads it
+            tasks: set[asyncio.Task[None]] = set()
+            for i in range(total):
+                scheduled = start + i / rate_per_s
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                task = asyncio.create_task(post(session, scheduled))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            sending_ended = time.perf_counter()
+            if tasks:
+                await asyncio.wait(tasks)
+            cpu = window.finish()
+            client_cpu = time.process_time() - cpu_before
+            client_wall = time.perf_counter() - start
+            stop_polling.set()
+            # Rows not readable by then count as never visible.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(poller, _VISIBILITY_TIMEOUT_SECONDS)
+    finally:
+        await conn.close()
+    ok = statuses.get(200, 0)
+    never = len(visibility.pending)
+    delays = visibility.delays + [math.inf] * never
+    return PacedResult(
+        target_rate_per_s=round(rate_per_s, 1),
+        achieved_rate_per_s=round(total / (sending_ended - start), 1),
+        sent=total,
+        ok=ok,
+        non_2xx=sum(n for status, n in statuses.items() if not 200 <= status < 300),
+        errors=errors,
+        max_send_lag_ms=round(1000 * max(send_lags, default=0.0), 1),
+        client_cpu_percent=round(100 * client_cpu / client_wall, 1),
+        latency_p50_ms=round(1000 * percentile(latencies, 50), 2),
+        latency_p99_ms=round(1000 * percentile(latencies, 99), 2),
+        latency_over_500ms=sum(1 for latency in latencies if latency > 0.5),
+        slow_seconds=_slow_seconds(timeline),
+        visibility_p50_ms=round(1000 * percentile(delays, 50), 1),
+        visibility_p99_ms=round(1000 * percentile(delays, 99), 1),
+        visibility_max_ms=round(1000 * max(delays, default=math.nan), 1),
+        never_visible=never,
+        poll_interval_ms=_VISIBILITY_POLL_SECONDS * 1000,
+        cpu_percent=cpu,
+    )

@@ -1,0 +1,692 @@
+"""The score-ingest benchmark, in one run on one machine: `python -m bench.run` (`make bench`).
+
+Phases, in order (BENCHMARKS.md explains each and how to read the results):
+1. bare and naive comparison apps, then score-ingest's api + worker, each under wrk with the
+   same connections and duration: single-score POSTs, then batch POSTs of 500;
+2. a paced run at half score-ingest's single-POST rate: latency from 200 to row readable;
+3. a py-spy profile of the api under the same wrk load;
+4. backlogs published straight to the broker with no worker running, then drained by one
+   worker: a drain-rate backlog, and 10k vs 1M for the worker's memory.
+
+Writes bench/results.json and bench/throughput_latency.png, prints every target as PASS or
+FAIL, and exits 1 when any fails (2 when the bench itself could not run).
+"""
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvloop
+
+import api
+from bench import _backlog, _load, _profile
+from bench._plot import plot
+from bench._services import (
+    ENTITY,
+    BenchEnvironment,
+    BenchError,
+    ProcessGroup,
+    ServerProcess,
+    broker_pid,
+    check_prerequisites,
+    free_port,
+    score_ingest_command,
+    tool,
+)
+from bench._system import CpuWindow, RssSampler, load_average, memory_kib
+
+BENCH_DIR = Path(__file__).resolve().parent
+BATCH_SIZE = 500
+SINGLE_BODY = {
+    "prediction_id": "0192f0b4-6b7e-7c2a-9f3e-1a2b3c4d5e6f",
+    "scorer": f"weave:///{ENTITY}/bench/op/exact_match:v1digest",
+    "value": {"correct": True, "score": 0.92, "tokens": [1, 2, 3]},
+    "evaluation_run_id": "run-42",
+}
+_DRAIN_WAIT_SECONDS = 300.0
+_PARTIAL_RESULTS = Path(tempfile.gettempdir()) / "score-ingest-bench-partial.json"
+
+
+def _options(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    add = parser.add_argument
+    add("--connections", type=int, default=64, help="wrk connections for single POSTs")
+    add("--threads", type=int, default=2, help="wrk threads")
+    add("--duration", type=float, default=15, help="seconds of each measured wrk run")
+    add("--warmup", type=float, default=3, help="seconds of wrk warm-up before each")
+    add("--batch-connections", type=int, default=4, help="wrk connections for batch POSTs")
+    add("--paced-duration", type=float, default=30, help="seconds of the half-load run")
+    add("--drain-backlog", type=int, default=200_000, help="backlog for the drain rate")
+    add("--small-backlog", type=int, default=10_000, help="small backlog for worker memory")
+    add("--large-backlog", type=int, default=1_000_000, help="large backlog for worker memory")
+    add(
+        "--large-drain", type=int, default=200_000,
+        help="how much of the large backlog to drain while watching memory",
+    )  # fmt: skip
+    add("--profile-seconds", type=float, default=10, help="py-spy seconds (0: no profile)")
+    add("--quiet-cpu", type=float, default=20, help="start when the machine is less busy (%%)")
+    add("--quiet-wait", type=float, default=120, help="longest wait for that, in seconds")
+    add("--output", type=Path, default=BENCH_DIR / "results.json")
+    add("--plot", type=Path, default=BENCH_DIR / "throughput_latency.png")
+    add("--profile-dir", type=Path, default=BENCH_DIR.parent / ".bench" / "profile")
+    return parser.parse_args(argv)
+
+
+def _say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _basic_auth(key: str) -> str:
+    return "Basic " + base64.b64encode(f"api:{key}".encode()).decode()
+
+
+def _version(command: list[str]) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
+        return (result.stdout or result.stderr).strip().splitlines()[0]
+    return "unknown"
+
+
+def _code() -> dict[str, Any]:
+    """Which score-ingest was measured: the commit, and files changed since, if a checkout."""
+    root = Path(api.__file__).resolve().parents[1]
+    git = shutil.which("git")
+    found: dict[str, Any] = {"source": str(root)}
+    if git is not None and (root / ".git").exists():
+        run = [git, "-C", str(root)]
+        found["commit"] = _version([*run, "rev-parse", "HEAD"])
+        status = subprocess.run(  # noqa: S603
+            [*run, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        found["uncommitted_changes"] = status.stdout.split("\n")[:-1]
+    return found
+
+
+def _machine() -> dict[str, Any]:
+    cpu_model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    memory_kib = 0
+    with contextlib.suppress(OSError):
+        memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
+    packages = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "aio-pika")
+    return {
+        "cpus": len(os.sched_getaffinity(0)),
+        "cpu_model": cpu_model,
+        "memory_gib": round(memory_kib / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "packages": {name: metadata.version(name) for name in packages},
+        "rabbitmq": _version([tool("rabbitmqctl"), "-q", "version"]),
+        "postgresql": _version([tool("psql"), "--version"]),
+        "wrk": _version([tool("wrk"), "--version"]),
+    }
+
+
+async def _wait_for_quiet(max_percent: float, timeout_s: float) -> dict[str, Any]:
+    """Wait (up to timeout_s) until the machine is less than max_percent busy (all cores)."""
+    started = time.monotonic()
+    while True:
+        window = CpuWindow({})
+        await asyncio.sleep(3)
+        busy = window.finish()["machine"]
+        waited = time.monotonic() - started
+        if busy <= max_percent or waited >= timeout_s:
+            quiet = busy <= max_percent
+            if not quiet:
+                _say(f"WARNING: the machine is still {busy}% busy: numbers will be noisy")
+            return {"machine_busy_percent": busy, "waited_s": round(waited, 1), "quiet": quiet}
+        _say(f"the machine is {busy}% busy before we start; waiting for it to be quieter")
+
+
+@dataclass
+class _Run:
+    """What every phase needs: options, the environment, the processes, the files."""
+
+    options: argparse.Namespace
+    env: BenchEnvironment
+    group: ProcessGroup
+    work: Path
+    results: dict[str, Any]
+    broker_pid: int
+
+    @property
+    def authorization(self) -> str:
+        return _basic_auth(self.env.api_key)
+
+    def note_load(self, phase: str) -> None:
+        self.results["meta"]["load"][phase] = [round(v, 2) for v in load_average()]
+
+    def server(self, name: str, argv: list[str], **env: str) -> ServerProcess:
+        return self.group.start(ServerProcess(name, argv, self.env.env(**env), self.work))
+
+    async def wrk(
+        self, base: str, path: str, body: Path, connections: int, watch: dict[str, int]
+    ) -> _load.WrkResult:
+        """A warm-up, then the measured run; both must answer only 2xx."""
+        options = self.options
+        watch = {**watch, "rabbitmq": self.broker_pid}
+        runs = []
+        for seconds in (options.warmup, options.duration):
+            runs.append(
+                await _load.run_wrk(
+                    base, path=path, authorization=self.authorization, body_file=body,
+                    connections=connections, threads=options.threads, duration_s=seconds,
+                    watch=watch,
+                )
+            )  # fmt: skip
+        warmup, measured = runs
+        self.results["answered"][path] = warmup.requests + measured.requests
+        self.results["errors_during_warmups"] += warmup.non_2xx + warmup.socket_errors
+        return measured
+
+
+async def _comparison(run: _Run, name: str, body: Path) -> dict[str, Any]:
+    port = free_port()
+    server = run.server(
+        name,
+        [sys.executable, "-m", "bench.serve", name, "--host", "127.0.0.1", "--port", str(port)],
+    )
+    base = f"http://127.0.0.1:{port}"
+    await server.wait_ready(base + "/openapi.json")
+    run.note_load(name)
+    _say(f"{name}: wrk {run.options.connections} connections, {run.options.duration:g}s")
+    result = await run.wrk(
+        base, f"/v2/{ENTITY}/{name}/scores", body, run.options.connections, {"server": server.pid}
+    )
+    peak = memory_kib(server.pid, "VmHWM")
+    run.group.stop(server)
+    _say(f"{name}: {result.requests_per_s:,.0f} req/s, p99 {result.latency_p99_ms:.1f} ms")
+    return {**result.to_json(), "server_peak_rss_kib": peak}
+
+
+async def _count_rows(database_url: str, query: str, *args: object) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        return int(await conn.fetchval(query, *args))
+    finally:
+        await conn.close()
+
+
+async def _wait_until_settled(run: _Run, expected: dict[str, int]) -> dict[str, int]:
+    """Wait until each project has at least its expected rows, no more are coming (the api
+    also finishes requests that wrk abandoned at its end) and the queue is empty, so the
+    next phase starts on an idle api; returns the counts."""
+    deadline = time.monotonic() + _DRAIN_WAIT_SECONDS
+    query = "SELECT count(*) FROM scores WHERE entity = $1 AND project = $2"
+    previous: dict[str, int] = {}
+    while True:
+        counts = {
+            project: await _count_rows(run.env.database_url, query, ENTITY, project)
+            for project in expected
+        }
+        stored = all(counts[p] >= n for p, n in expected.items())
+        if stored and counts == previous and await _backlog.queue_depth(run.env.amqp_url) == 0:
+            return counts
+        if time.monotonic() > deadline:
+            raise BenchError(f"scores still arriving after {_DRAIN_WAIT_SECONDS:.0f}s: {counts}")
+        previous = counts
+        await asyncio.sleep(1)
+
+
+async def _visibility_from_rows(database_url: str, project: str) -> dict[str, float]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        row = await conn.fetchrow(
+            """
+            SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY lag),
+                   percentile_cont(0.99) WITHIN GROUP (ORDER BY lag)
+            FROM (SELECT 1000 * extract(epoch FROM persisted_at - created_at) AS lag
+                  FROM scores WHERE entity = $1 AND project = $2) AS lags
+            """,
+            ENTITY,
+            project,
+        )
+    finally:
+        await conn.close()
+    assert row is not None
+    return {"p50_ms": round(float(row[0] or 0), 1), "p99_ms": round(float(row[1] or 0), 1)}
+
+
+async def _score_ingest(run: _Run, single: Path, batch: Path) -> None:
+    options, results = run.options, run.results
+    port, health = free_port(), free_port()
+    ports = {"API_HOST": "127.0.0.1", "API_PORT": str(port), "WORKER_HEALTH_PORT": str(health)}
+    api = run.server("api", [*score_ingest_command(), "api"], **ports)
+    worker = run.server("worker", [*score_ingest_command(), "worker"], **ports)
+    base = f"http://127.0.0.1:{port}"
+    await api.wait_ready(base + "/readyz")
+    await worker.wait_ready(f"http://127.0.0.1:{health}/readyz")
+    samplers = [RssSampler(api.pid), RssSampler(worker.pid)]
+    for sampler in samplers:
+        sampler.start()
+    watch = {"api": api.pid, "worker": worker.pid, "rabbitmq": run.broker_pid}
+
+    run.note_load("single")
+    _say(f"score-ingest single: wrk {options.connections} connections, {options.duration:g}s")
+    single_result = await run.wrk(
+        base, f"/v2/{ENTITY}/single/scores", single, options.connections, watch
+    )
+    results["http"]["single"] = single_result.to_json()
+    _say(
+        f"single: {single_result.requests_per_s:,.0f} req/s, p99 {single_result.latency_p99_ms} ms"
+    )
+
+    answered = results["answered"]
+    await _wait_until_settled(run, {"single": answered[f"/v2/{ENTITY}/single/scores"]})
+
+    run.note_load("batch")
+    _say(f"score-ingest batch of {BATCH_SIZE}: wrk {options.batch_connections} connections")
+    batch_result = await run.wrk(
+        base, f"/v2/{ENTITY}/batch/scores/batch", batch, options.batch_connections, watch
+    )
+    backlog_after_batch = await _backlog.queue_depth(run.env.amqp_url)
+    results["http"]["batch"] = {
+        **batch_result.to_json(),
+        "batch_size": BATCH_SIZE,
+        "scores_per_s": round(batch_result.requests_per_s * BATCH_SIZE, 1),
+        "queue_ready_at_end": backlog_after_batch,
+    }
+    _say(
+        f"batch: {batch_result.requests_per_s * BATCH_SIZE:,.0f} scores/s; "
+        f"{backlog_after_batch:,} left in the queue at the end"
+    )
+    await _wait_until_settled(
+        run,
+        {
+            "single": answered[f"/v2/{ENTITY}/single/scores"],
+            "batch": answered[f"/v2/{ENTITY}/batch/scores/batch"] * BATCH_SIZE,
+        },
+    )
+
+    rate = single_result.requests_per_s / 2
+    run.note_load("visibility")
+    _say(f"half load: {rate:,.0f} req/s paced for {options.paced_duration:g}s")
+    paced = await _load.run_paced(
+        f"{base}/v2/{ENTITY}/visibility/scores",
+        authorization=run.authorization,
+        body=json.dumps(SINGLE_BODY).encode(),
+        rate_per_s=rate,
+        duration_s=options.paced_duration,
+        connections=options.connections,
+        database_url=run.env.database_url,
+        watch=watch,
+    )
+    await _wait_until_settled(run, {"visibility": paced.ok})
+    results["visibility"] = {
+        **paced.to_json(),
+        "rows_persisted_minus_created": await _visibility_from_rows(
+            run.env.database_url, "visibility"
+        ),
+    }
+    _say(
+        f"visibility: p50 {paced.visibility_p50_ms} ms, p99 {paced.visibility_p99_ms} ms "
+        f"(client held {paced.achieved_rate_per_s:,.0f} of {paced.target_rate_per_s:,.0f} req/s)"
+    )
+
+    if options.profile_seconds > 0:
+        results["profile"] = {
+            "single": await _profile_api(run, api.pid, base, "single", single, options.connections),
+            "batch": await _profile_api(
+                run, api.pid, base, "batch", batch, options.batch_connections
+            ),
+        }
+
+    expected = {
+        "single": answered[f"/v2/{ENTITY}/single/scores"],
+        "batch": answered[f"/v2/{ENTITY}/batch/scores/batch"] * BATCH_SIZE,
+        "visibility": paced.ok,
+    }
+    # Stopped only once idle, so nothing is published after its worker has gone.
+    stored = await _wait_until_settled(run, {**expected, "profile": 0})
+    api_peak = samplers[0].peak_kib()
+    worker_peak = samplers[1].peak_kib()
+    for sampler in samplers:
+        await sampler.stop()
+    run.group.stop(worker)
+    run.group.stop(api)
+    results["integrity"] = {
+        project: {"answered_200": expected[project], "rows": stored[project]}
+        for project in expected
+    }
+    results["memory"]["api_peak_rss_kib"] = api_peak
+    results["memory"]["worker_peak_rss_kib_under_api_load"] = worker_peak
+
+
+async def _profile_api(
+    run: _Run, pid: int, base: str, kind: str, body: Path, connections: int
+) -> dict[str, Any]:
+    """py-spy on the api while wrk loads it as in the measured runs."""
+    seconds = run.options.profile_seconds
+    path = (
+        f"/v2/{ENTITY}/profile/scores" if kind == "single" else f"/v2/{ENTITY}/profile/scores/batch"
+    )
+    run.options.profile_dir.mkdir(parents=True, exist_ok=True)
+    folded = run.options.profile_dir / f"api-{kind}.folded"
+    _say(f"profiling the api under {kind} load for {seconds:g}s (py-spy)")
+    load = asyncio.create_task(
+        _load.run_wrk(
+            base, path=path, authorization=run.authorization, body_file=body,
+            connections=connections, threads=run.options.threads, duration_s=seconds + 3,
+            watch={"api": pid},
+        )
+    )  # fmt: skip
+    await asyncio.sleep(1.5)
+    await _profile.record(pid, seconds, folded)
+    under = await load
+    await _wait_until_settled(run, {"profile": 0})
+    summary = _profile.summarise(folded, seconds)
+    return {**summary.to_json(), "load": under.to_json()}
+
+
+async def _backlogs(run: _Run) -> None:
+    options, results, env = run.options, run.results, run.env
+    health = free_port()
+
+    def start_worker(name: str) -> Callable[[], ServerProcess]:
+        return lambda: run.server(
+            name, [*score_ingest_command(), "worker"], WORKER_HEALTH_PORT=str(health)
+        )
+
+    async def fill(count: int, project: str) -> dict[str, Any]:
+        run.note_load(f"publish-{project}")
+        _say(f"publishing {count:,} scores straight to exchange `scores` (no worker running)")
+        # What a stopped worker left unacknowledged went back to the queue: not this backlog.
+        await _backlog.purge_queue(env.amqp_url)
+        window = CpuWindow({"rabbitmq": run.broker_pid})
+        published = await _backlog.publish_backlog(env.amqp_url, count, project)
+        cpu = window.finish()
+        depth = await _backlog.queue_depth(env.amqp_url)
+        if depth != count:
+            raise BenchError(f"expected {count} queued scores, the queue holds {depth}")
+        _say(f"published {count:,} in {published.seconds:.1f}s ({published.per_s:,.0f}/s)")
+        return {**published.to_json(), "cpu_percent": cpu}
+
+    async def drain(count: int, until: int, project: str, profile: bool = False) -> dict[str, Any]:
+        run.note_load(f"drain-{project}")
+        _say(f"one worker drains {until:,} of {count:,}")
+        drained = await _backlog.measure_drain(
+            start_worker=start_worker(f"worker-{project}"),
+            metrics_url=f"http://127.0.0.1:{health}/metrics",
+            amqp_url=env.amqp_url,
+            database_url=env.database_url,
+            project=project,
+            backlog=count,
+            drain_until=until,
+            timeout_s=max(120.0, until / 500),
+            watch={"rabbitmq": run.broker_pid},
+            while_draining=profile_worker if profile else None,
+        )
+        _say(
+            f"drained {drained.drained:,} in {drained.seconds:.1f}s ({drained.per_s:,.0f}/s); "
+            f"worker peak RSS {drained.worker_rss_peak_kib / 1024:.0f} MiB"
+        )
+        return drained.to_json()
+
+    profiles: dict[str, Any] = {}
+
+    async def profile_worker(pid: int) -> None:
+        seconds = options.profile_seconds
+        _say(f"profiling the worker while it drains, for {seconds:g}s (py-spy)")
+        options.profile_dir.mkdir(parents=True, exist_ok=True)
+        folded = options.profile_dir / "worker-drain.folded"
+        window = CpuWindow({"worker": pid})
+        await _profile.record(pid, seconds, folded)
+        summary = _profile.summarise(folded, seconds)
+        profiles["worker_drain"] = {**summary.to_json(), "cpu_percent": window.finish()}
+
+    backlog: dict[str, Any] = {}
+    backlog["drain_publish"] = await fill(options.drain_backlog, "drain")
+    backlog["drain"] = await drain(options.drain_backlog, options.drain_backlog, "drain")
+    backlog["small_publish"] = await fill(options.small_backlog, "small")
+    backlog["small"] = await drain(options.small_backlog, options.small_backlog, "small")
+    backlog["large_publish"] = await fill(options.large_backlog, "large")
+    backlog["large"] = await drain(
+        options.large_backlog, options.large_drain, "large", profile=options.profile_seconds > 0
+    )
+    results.setdefault("profile", {}).update(profiles)
+    results["backlog"] = backlog
+    results["memory"]["worker_peak_rss_kib_small_backlog"] = backlog["small"]["worker_rss_peak_kib"]
+    results["memory"]["worker_peak_rss_kib_large_backlog"] = backlog["large"]["worker_rss_peak_kib"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target or check, measured in this run."""
+
+    name: str
+    measured: str
+    required: str
+    passed: bool
+
+    def line(self) -> str:
+        """As printed."""
+        return (
+            f"{'PASS' if self.passed else 'FAIL'}  {self.name}: {self.measured} ({self.required})"
+        )
+
+
+def _ratio(name: str, measured: float, baseline: float, at_least: float) -> Verdict:
+    ratio = measured / baseline if baseline > 0 else float("inf")
+    return Verdict(
+        name,
+        f"{ratio:.2f}x ({measured:,.0f} vs {baseline:,.0f})",
+        f">= {at_least:g}x",
+        ratio >= at_least and measured > 0,
+    )
+
+
+def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
+    """The issue's targets, and the checks that the measurement itself is sound."""
+    http, visibility, backlog = results["http"], results["visibility"], results["backlog"]
+    single, naive, bare = (http[k]["requests_per_s"] for k in ("single", "naive", "bare"))
+    batch = http["batch"]["scores_per_s"]
+    drain = backlog["drain"]["per_s"]
+    non_2xx = (
+        sum(http[k]["non_2xx"] + http[k]["socket_errors"] for k in http)
+        + visibility["non_2xx"]
+        + visibility["errors"]
+        + results["errors_during_warmups"]
+    )
+    targets = [
+        _ratio("single POST req/s vs naive", single, naive, 2),
+        _ratio("single POST req/s vs bare", single, bare, 0.6),
+        _ratio("batch scores/s vs naive single req/s", batch, naive, 15),
+        _ratio("drain scores/s vs batch accept scores/s", drain, batch, 1),
+        Verdict(
+            "p99 200-to-readable at half load",
+            f"{visibility['visibility_p99_ms']:.0f} ms",
+            "< 500 ms",
+            visibility["visibility_p99_ms"] < 500,
+        ),
+        Verdict("non-2xx and socket errors", str(non_2xx), "== 0", non_2xx == 0),
+    ]
+    memory = results["memory"]
+    small, large = (
+        memory["worker_peak_rss_kib_small_backlog"],
+        memory["worker_peak_rss_kib_large_backlog"],
+    )
+    integrity = results["integrity"]
+    lost = {p: v for p, v in integrity.items() if v["rows"] < v["answered_200"]}
+    wrk_cpu = max(http[k]["cpu_percent"]["wrk"] for k in ("bare", "naive", "single"))
+    checks = [
+        Verdict(
+            "worker RSS flat, 1M vs 10k backlog",
+            f"{large / 1024:.0f} vs {small / 1024:.0f} MiB ({large / small:.2f}x)",
+            "<= 1.25x",
+            large <= 1.25 * small,
+        ),
+        Verdict("every 200 became a row", json.dumps(integrity), "rows >= answered", not lost),
+        Verdict(
+            "paced client held half load",
+            f"{visibility['achieved_rate_per_s']:.0f} of "
+            f"{visibility['target_rate_per_s']:.0f} req/s",
+            ">= 95%",
+            visibility["achieved_rate_per_s"] >= 0.95 * visibility["target_rate_per_s"],
+        ),
+        Verdict(
+            "wrk is not the bottleneck",
+            f"wrk used at most {wrk_cpu:.0f}% of a core",
+            f"< 50% of its {results['settings']['threads']} threads",
+            wrk_cpu < 50 * results["settings"]["threads"],
+        ),
+        Verdict(
+            "large backlog drained as far as asked",
+            f"{backlog['large']['drained']:,} of {backlog['large']['backlog']:,}",
+            f">= {results['settings']['large_drain']:,}",
+            backlog["large"]["drained"] >= results["settings"]["large_drain"],
+        ),
+        Verdict(
+            "drain backlog emptied",
+            f"{backlog['drain']['rows']:,} rows, {backlog['drain']['queue_ready_after']} left",
+            "all rows, queue empty",
+            backlog["drain"]["rows"] == backlog["drain"]["backlog"]
+            and backlog["drain"]["queue_ready_after"] == 0,
+        ),
+    ]
+    return targets, checks
+
+
+def _keep_logs(work: Path) -> None:
+    """Copy the servers' logs out of the temporary directory, for a run that failed."""
+    logs = sorted(work.glob("*.log"))
+    for log in logs:
+        shutil.copy(log, BENCH_DIR / f"last-{log.name}")
+    if logs:
+        _say(f"server logs copied to {BENCH_DIR}/last-*.log")
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt, so the way out stops servers and removes data."""
+
+    def interrupt(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    """Run every phase, filling results as they come; returns them."""
+    check_prerequisites()
+    started = time.monotonic()
+    results |= {
+        "meta": {
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": _machine(),
+            "code": _code(),
+            "load_at_start": [round(v, 2) for v in load_average()],
+            "load": {},
+        },
+        "settings": {
+            key: str(value) if isinstance(value, Path) else value
+            for key, value in vars(options).items()
+        },
+        "http": {},
+        "memory": {},
+        "answered": {},
+        "errors_during_warmups": 0,
+    }
+    _say(f"load average {results['meta']['load_at_start']}; checking that the machine is quiet")
+    results["meta"]["quiet"] = await _wait_for_quiet(options.quiet_cpu, options.quiet_wait)
+    env = BenchEnvironment()
+    with tempfile.TemporaryDirectory(prefix="score-ingest-bench-") as tmp:
+        work = Path(tmp)
+        single = work / "single.json"
+        single.write_text(json.dumps(SINGLE_BODY))
+        batch = work / "batch.json"
+        batch.write_text(json.dumps({"scores": [SINGLE_BODY] * BATCH_SIZE}))
+        try:
+            _say(f"database and vhost of the bench's own: {env.database_url}, {env.amqp_url}")
+            await env.setup()
+            with ProcessGroup() as group:
+                run = _Run(options, env, group, work, results, broker_pid())
+                try:
+                    for name in ("bare", "naive"):
+                        results["http"][name] = await _comparison(run, name, single)
+                    naive_rows = await _count_rows(
+                        env.database_url, "SELECT count(*) FROM naive_scores"
+                    )
+                    await _score_ingest(run, single, batch)
+                    results["integrity"]["naive"] = {
+                        "answered_200": results["answered"][f"/v2/{ENTITY}/naive/scores"],
+                        "rows": naive_rows,
+                    }
+                    await _backlogs(run)
+                except BaseException:
+                    _keep_logs(work)
+                    raise
+        finally:
+            await env.teardown()
+    results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+    results["meta"]["load_at_end"] = [round(v, 2) for v in load_average()]
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench, write results and plot, print verdicts; 0 only when all pass."""
+    options = _options(argv)
+    partial: dict[str, Any] = {}
+    try:
+        with _stop_on_sigterm():
+            results = uvloop.run(bench(options, partial))
+    except Exception as exc:
+        if isinstance(exc, BenchError):
+            print(f"bench: {exc}", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        _PARTIAL_RESULTS.write_text(json.dumps(partial, indent=2, default=str) + "\n")
+        print(f"bench: what was measured before that is in {_PARTIAL_RESULTS}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            "bench: interrupted; servers stopped, bench database and vhost removed", file=sys.stderr
+        )
+        return 2
+    targets, checks = _verdicts(results)
+    results["targets"] = [vars(v) for v in targets]
+    results["checks"] = [vars(v) for v in checks]
+    options.output.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, options.plot)
+    print("\nTargets (issue 5), ratios measured in this run:")
+    for verdict in targets:
+        print("  " + verdict.line())
+    print("Checks that the measurement is sound:")
+    for verdict in checks:
+        print("  " + verdict.line())
+    print(f"\nresults: {options.output}\nplot: {options.plot}")
+    failed = [v for v in [*targets, *checks] if not v.passed]
+    if failed:
+        print(f"{len(failed)} FAILED: exit 1", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
