@@ -37,10 +37,10 @@ format: install
 	$(BIN)/ruff format .
 
 # The benchmark needs wrk (Debian's package) and a few packages of its own (bench/requirements.txt).
-bench: install
-	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+bench: install-runtime
+	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" -eq 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || { echo "make bench needs wrk: run apt-get install -y wrk as root" >&2; exit 1; }
 	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 schema: install
 	$(BIN)/score-ingest schema > shared/score-message.schema.json

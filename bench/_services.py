@@ -49,7 +49,7 @@ def _port_open(port: int) -> bool:
 
 
 def tool(name: str) -> str:
-    """The full path of a command on PATH; raises BenchError when it is missing."""
+    """The full path of a command, the virtualenv's own first; raises BenchError if missing."""
     beside_python = Path(sys.executable).with_name(name)  # installed into the virtualenv
     path = str(beside_python) if beside_python.exists() else shutil.which(name)
     if path is None:

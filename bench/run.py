@@ -4,9 +4,10 @@ Phases, in order (BENCHMARKS.md explains each and how to read the results):
 1. bare and naive comparison apps, then score-ingest's api + worker, each under wrk with the
    same connections and duration: single-score POSTs, then batch POSTs of 500;
 2. a paced run at half score-ingest's single-POST rate: latency from 200 to row readable;
-3. a py-spy profile of the api under the same wrk load;
+3. py-spy profiles of the api under the same wrk loads;
 4. backlogs published straight to the broker with no worker running, then drained by one
-   worker: a drain-rate backlog, and 10k vs 1M for the worker's memory.
+   worker: a drain-rate backlog, and 10k vs 1M for the worker's memory (the worker is
+   profiled while it drains the 1M backlog).
 
 Writes bench/results.json and bench/throughput_latency.png, prints every target as PASS or
 FAIL, and exits 1 when any fails (2 when the bench itself could not run).
@@ -101,7 +102,9 @@ def _basic_auth(key: str) -> str:
 def _version(command: list[str]) -> str:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)  # noqa: S603
-        return (result.stdout or result.stderr).strip().splitlines()[0]
+        lines = (result.stdout or result.stderr).strip().splitlines()
+        if lines:
+            return lines[0]
     return "unknown"
 
 
