@@ -82,6 +82,18 @@ async def _pass(
     return done
 
 
+def _collector(letters: list[DeadLetter]) -> Callable[[DeadLetterQueue], Action]:
+    """An action that keeps each dead letter in letters and removes nothing."""
+
+    def act(_: DeadLetterQueue) -> Action:
+        async def keep(_message: AbstractIncomingMessage, letter: DeadLetter) -> None:
+            letters.append(letter)
+
+        return keep
+
+    return act
+
+
 def _age(letter: DeadLetter, now: datetime) -> str:
     age = letter.age(now)
     return "?" if age is None else str(timedelta(seconds=int(age.total_seconds())))
@@ -98,15 +110,8 @@ def list_(
 ) -> None:
     """A table of dead letters: id, reason, age, entity/project, size. Nothing is removed."""
     letters: list[DeadLetter] = []
-
-    def collect(_: DeadLetterQueue) -> Action:
-        async def keep(_message: AbstractIncomingMessage, letter: DeadLetter) -> None:
-            letters.append(letter)
-
-        return keep
-
     selection = _filter(reason, entity, project, older_than, newer_than)
-    asyncio.run(_pass(selection, limit, collect, "reading"))
+    asyncio.run(_pass(selection, limit, _collector(letters), "reading"))
     now = datetime.now(UTC)
     table = Table()
     for column in ("id", "reason", "age", "entity/project", "size"):
@@ -130,14 +135,7 @@ def list_(
 def show(dead_letter_id: Annotated[str, typer.Argument(help="An id from `dlq list`")]) -> None:
     """Headers and body of one dead letter, as JSON. Nothing is removed."""
     found: list[DeadLetter] = []
-
-    def collect(_: DeadLetterQueue) -> Action:
-        async def keep(_message: AbstractIncomingMessage, letter: DeadLetter) -> None:
-            found.append(letter)
-
-        return keep
-
-    asyncio.run(_pass(Filter(id=dead_letter_id), 1, collect, "searching"))
+    asyncio.run(_pass(Filter(id=dead_letter_id), 1, _collector(found), "searching"))
     if not found:
         console.print(f"no dead letter {dead_letter_id}")
         raise typer.Exit(1)
