@@ -44,6 +44,7 @@ bench: install-runtime
 
 schema: install
 	$(BIN)/score-ingest schema > shared/score-message.schema.json
+	$(BIN)/score-ingest schema --batch > shared/score-batch-message.schema.json
 
 image:
 	docker build -f deploy/Dockerfile -t score-ingest:local .

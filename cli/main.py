@@ -12,10 +12,11 @@ from typing import Annotated
 import aio_pika
 import typer
 import uvicorn
+import uvloop
 
 from api.app import create_app
 from cli import dlq, keys
-from shared.contract import message_json_schema
+from shared.contract import BATCH_MESSAGE_TYPE, MESSAGE_TYPE, message_json_schema
 from shared.db import migrate as apply_migrations
 from shared.logs import configure_logging
 from shared.settings import get_settings
@@ -56,7 +57,7 @@ def api(
 @app.command()
 def worker() -> None:
     """Consume scores.persist and store scores in PostgreSQL."""
-    asyncio.run(run_worker(get_settings()))
+    uvloop.run(run_worker(get_settings()))
 
 
 @app.command()
@@ -81,9 +82,14 @@ def topology() -> None:
 
 
 @app.command()
-def schema() -> None:
-    """Print the JSON Schema of the score message."""
-    typer.echo(json.dumps(message_json_schema(), indent=2))
+def schema(
+    batch: Annotated[
+        bool, typer.Option("--batch", help=f"The {BATCH_MESSAGE_TYPE} message instead")
+    ] = False,
+) -> None:
+    """Print the JSON Schema of the score message (or of the batch message)."""
+    message_type = BATCH_MESSAGE_TYPE if batch else MESSAGE_TYPE
+    typer.echo(json.dumps(message_json_schema(message_type), indent=2))
 
 
 @app.command()

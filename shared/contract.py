@@ -25,6 +25,7 @@ from pydantic_core import PydanticCustomError
 from shared.refs import InvalidRefError, parse_weave_ref
 
 MESSAGE_TYPE: Final = "score.create.v1"
+BATCH_MESSAGE_TYPE: Final = "score.batch.v1"
 CONTENT_TYPE: Final = "application/json"
 
 MAX_NAME_CHARS: Final = 128
@@ -32,6 +33,7 @@ MAX_ID_CHARS: Final = 256
 MAX_SCORER_CHARS: Final = 2048
 MAX_JSON_DEPTH: Final = 64
 MAX_INT_DIGITS: Final = 1000
+MAX_BATCH_SCORES: Final = 1000
 
 _NAME_FORBIDDEN = re.compile(r"[/\\#?%:\x00-\x1f\x7f\ud800-\udfff]")
 _TEXT_FORBIDDEN = re.compile(r"[\x00\ud800-\udfff]")
@@ -190,11 +192,23 @@ class ScoreMessage(BaseModel):
     created_by: Identifier = Field(description="Id of the API key that created the score")
 
 
-def message_json_schema() -> dict[str, Any]:
-    """The JSON Schema of ScoreMessage, as shipped in shared/score-message.schema.json."""
-    schema = ScoreMessage.model_json_schema()
+class ScoreBatchMessage(BaseModel):
+    """Body of a `score.batch.v1` message: scores stored together, all of them or none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="ScoreBatchMessage")
+
+    scores: list[ScoreMessage] = Field(
+        min_length=1,
+        max_length=MAX_BATCH_SCORES,
+        description=f"The scores, 1 to {MAX_BATCH_SCORES}; one invalid score refuses them all",
+    )
+
+
+def message_json_schema(message_type: str = MESSAGE_TYPE) -> dict[str, Any]:
+    """The JSON Schema of a message type's body, as shipped in shared/*.schema.json."""
+    model = ScoreBatchMessage if message_type == BATCH_MESSAGE_TYPE else ScoreMessage
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$id": "urn:score-ingest:message:score.create.v1",
-        **schema,
+        "$id": f"urn:score-ingest:message:{message_type}",
+        **model.model_json_schema(),
     }

@@ -26,7 +26,6 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from api.publisher import to_amqp_message
 from shared.contract import CONTENT_TYPE, MESSAGE_TYPE, ScoreMessage
 from shared.dead_letters import (
     DETAIL_HEADER,
@@ -38,6 +37,7 @@ from shared.dead_letters import (
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
+from tests.support.messages import to_amqp_message
 from tests.support.processes import (
     Broker,
     CliProcess,

@@ -3,7 +3,13 @@
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
 
-from shared.contract import CONTENT_TYPE, MESSAGE_TYPE, ScoreMessage
+from shared.contract import (
+    BATCH_MESSAGE_TYPE,
+    CONTENT_TYPE,
+    MESSAGE_TYPE,
+    ScoreBatchMessage,
+    ScoreMessage,
+)
 from shared.dead_letters import MAX_DETAIL_CHARS, DeadLetterReason
 
 
@@ -23,21 +29,26 @@ def _describe(exc: ValidationError) -> str:
     )
 
 
-def decode_score(message: AbstractIncomingMessage) -> ScoreMessage:
-    """The score a message carries; raises PoisonMessage when it does not carry one."""
+def decode_scores(message: AbstractIncomingMessage) -> list[ScoreMessage]:
+    """The scores a message carries (one, or a batch's); raises PoisonMessage otherwise.
+
+    A batch is all or nothing: one invalid score makes the whole message poison.
+    """
     media_type = (message.content_type or "").partition(";")[0].strip().lower()
     if media_type != CONTENT_TYPE:
         raise PoisonMessage(
             DeadLetterReason.UNSUPPORTED_CONTENT_TYPE,
             f"content_type must be {CONTENT_TYPE!r}, not {message.content_type!r}",
         )
-    if message.type and message.type != MESSAGE_TYPE:
+    if message.type and message.type not in (MESSAGE_TYPE, BATCH_MESSAGE_TYPE):
         raise PoisonMessage(
             DeadLetterReason.UNSUPPORTED_MESSAGE_TYPE,
-            f"type must be {MESSAGE_TYPE!r} (or unset), not {message.type!r}",
+            f"type must be {MESSAGE_TYPE!r}, {BATCH_MESSAGE_TYPE!r} or unset, not {message.type!r}",
         )
     try:
-        return ScoreMessage.model_validate_json(message.body)
+        if message.type == BATCH_MESSAGE_TYPE:
+            return ScoreBatchMessage.model_validate_json(message.body).scores
+        return [ScoreMessage.model_validate_json(message.body)]
     except ValidationError as exc:
         invalid_json = any(error["type"] == "json_invalid" for error in exc.errors())
         reason = (

@@ -42,12 +42,13 @@ from worker._metrics import (
     QUEUE_DEPTH,
     SCORES_PERSISTED,
 )
-from worker.decode import PoisonMessage, decode_score
+from worker.decode import PoisonMessage, decode_scores
 from worker.store import ScoreStore, StorageRejected
 
 log = logging.getLogger(__name__)
 
-_Decoded = tuple[AbstractIncomingMessage, ScoreMessage]
+_Decoded = tuple[AbstractIncomingMessage, list[ScoreMessage]]
+_Taken = tuple[AbstractIncomingMessage, list[ScoreMessage] | PoisonMessage]
 _PURGE_INTERVAL_SECONDS = 600
 _QUEUE_DEPTH_INTERVAL_SECONDS = 5
 
@@ -102,8 +103,7 @@ class ScoreWorker:
             while not self._stopping:
                 await self._handle(await self._collect_batch())
             await self._stop_consuming()
-            leftovers = [m for m in self._drain_inbox() if m is not None]
-            await self._handle(leftovers)
+            await self._handle(self._drain_inbox())
         finally:
             for chore in chores:
                 chore.cancel()
@@ -172,15 +172,18 @@ class ScoreWorker:
         self._consumer_tag = await self._queue.consume(self._inbox.put)
         log.info("worker consuming %s", QUEUE, extra={"health_port": self._health.port})
 
-    async def _collect_batch(self) -> list[AbstractIncomingMessage]:
-        """Wait for one message, then take more until the batch is full or the interval ends."""
+    async def _collect_batch(self) -> list[_Taken]:
+        """Wait for one message, then take more until the batch holds WORKER_BATCH_SIZE scores
+        or the flush interval ends. Messages are decoded as they are taken: a batch message
+        counts for all its scores."""
         first = await self._inbox.get()
         if first is None:
             return []
-        batch = [first]
+        batch = [_decode(first)]
+        scores = _count(batch[0])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.worker_flush_interval_seconds
-        while len(batch) < self._settings.worker_batch_size:
+        while scores < self._settings.worker_batch_size:
             if self._inbox.empty():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -193,22 +196,25 @@ class ScoreWorker:
                 message = self._inbox.get_nowait()
             if message is None:
                 break
-            batch.append(message)
+            batch.append(_decode(message))
+            scores += _count(batch[-1])
         return batch
 
-    def _drain_inbox(self) -> list[AbstractIncomingMessage | None]:
+    def _drain_inbox(self) -> list[_Taken]:
         drained = []
         while not self._inbox.empty():
-            drained.append(self._inbox.get_nowait())
+            message = self._inbox.get_nowait()
+            if message is not None:
+                drained.append(_decode(message))
         return drained
 
-    async def _handle(self, batch: list[AbstractIncomingMessage]) -> None:
+    async def _handle(self, batch: list[_Taken]) -> None:
         decoded: list[_Decoded] = []
-        for message in batch:
-            try:
-                decoded.append((message, decode_score(message)))
-            except PoisonMessage as poison:
-                await self._dead_letter(message, poison)
+        for message, scores in batch:
+            if isinstance(scores, PoisonMessage):
+                await self._dead_letter(message, scores)
+            else:
+                decoded.append((message, scores))
         if decoded:
             await self._persist(decoded)
 
@@ -218,7 +224,9 @@ class ScoreWorker:
         while True:
             started = time.perf_counter()
             try:
-                inserted = await self._store.persist_batch([score for _, score in decoded])
+                inserted = await self._store.persist_batch(
+                    [score for _, scores in decoded for score in scores]
+                )
             except StorageRejected as exc:
                 if len(decoded) == 1:
                     rejected = PoisonMessage(DeadLetterReason.STORAGE_REJECTED, str(exc))
@@ -241,14 +249,16 @@ class ScoreWorker:
             return
 
     def _observe(self, decoded: list[_Decoded], inserted: int, seconds: float) -> None:
+        received = sum(len(scores) for _, scores in decoded)
         self.persisted += inserted
-        self.duplicates += len(decoded) - inserted
+        self.duplicates += received - inserted
         SCORES_PERSISTED.inc(inserted)
-        DUPLICATES_SKIPPED.inc(len(decoded) - inserted)
-        BATCH_SIZE.observe(len(decoded))
+        DUPLICATES_SKIPPED.inc(received - inserted)
+        BATCH_SIZE.observe(received)
         INSERT_SECONDS.observe(seconds)
         now = datetime.now(UTC)
-        lags = [(now - score.created_at).total_seconds() for _, score in decoded]
+        # One lag per message, from its first score (a batch's scores share their created_at).
+        lags = [(now - scores[0].created_at).total_seconds() for _, scores in decoded]
         for lag in lags:
             PERSIST_LAG_SECONDS.observe(lag)
         CONSUMER_LAG_SECONDS.set(max(lags))
@@ -303,6 +313,18 @@ class ScoreWorker:
         if self._pool is not None:
             await self._pool.close()
         log.info("worker stopped: %d persisted, %d duplicates", self.persisted, self.duplicates)
+
+
+def _decode(message: AbstractIncomingMessage) -> _Taken:
+    try:
+        return message, decode_scores(message)
+    except PoisonMessage as poison:
+        return message, poison
+
+
+def _count(taken: _Taken) -> int:
+    scores = taken[1]
+    return 1 if isinstance(scores, PoisonMessage) else len(scores)
 
 
 async def _ack_through(messages: list[AbstractIncomingMessage]) -> None:

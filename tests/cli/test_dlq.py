@@ -22,12 +22,12 @@ import asyncpg
 import httpx
 import pytest
 
-from api.publisher import to_amqp_message
 from shared.contract import CONTENT_TYPE, MESSAGE_TYPE, ScoreMessage
 from shared.dead_letters import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, TIME_HEADER
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, QUEUE, ROUTING_KEY
 from tests.conftest import ENTITY, PROJECT, basic_auth
+from tests.support.messages import to_amqp_message
 from tests.support.processes import (
     REPO_ROOT,
     Broker,

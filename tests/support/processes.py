@@ -22,7 +22,6 @@ import aio_pika
 import httpx
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from api.publisher import to_amqp_message
 from shared.contract import ScoreMessage
 from shared.ids import new_score_id
 from shared.settings import Settings
@@ -34,6 +33,7 @@ from shared.topology import (
     declare_topology,
 )
 from tests.conftest import ENTITY, PROJECT
+from tests.support.messages import to_amqp_message
 from worker.worker import ScoreWorker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

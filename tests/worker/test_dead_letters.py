@@ -8,7 +8,6 @@ from typing import Any
 import aio_pika
 import asyncpg
 
-from api.publisher import to_amqp_message
 from shared.contract import CONTENT_TYPE, MESSAGE_TYPE
 from shared.dead_letters import (
     DETAIL_HEADER,
@@ -20,6 +19,7 @@ from shared.dead_letters import (
 from shared.settings import Settings
 from shared.topology import QUEUE
 from tests.conftest import wait_for_count
+from tests.support.messages import to_amqp_message
 from tests.support.processes import (
     connect_broker,
     running_worker,

@@ -5,10 +5,10 @@ import asyncio
 import aio_pika
 import pytest
 
-from api.publisher import to_amqp_message
 from cli._dead_letters import describe
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE, declare_topology
+from tests.support.messages import to_amqp_message
 from tests.support.processes import score_message
 from tests.support.services import VhostFactory
 

@@ -6,10 +6,10 @@ from datetime import datetime, timedelta, timezone
 import aio_pika
 import asyncpg
 
-from api.publisher import to_amqp_message
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE
 from tests.conftest import wait_for_count
+from tests.support.messages import to_amqp_message
 from tests.support.processes import (
     connect_broker,
     running_worker,
