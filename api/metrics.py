@@ -21,7 +21,7 @@ HTTP_SECONDS = Histogram(
 )
 PUBLISH_CONFIRM_SECONDS = Histogram(
     "score_ingest_publish_confirm_seconds",
-    "Time from publishing a score to the broker's confirm",
+    "Time from publishing a message (one score or a batch) to the broker's confirm",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 SCORES_ACCEPTED = Counter(
@@ -29,7 +29,8 @@ SCORES_ACCEPTED = Counter(
 )
 PUBLISH_FAILURES = Counter(
     "score_ingest_publish_failures_total",
-    "Scores not accepted, by why: unavailable, blocked, refused, unroutable, timeout",
+    "Publishes (one score or a batch) not confirmed, by why: "
+    "unavailable, blocked, refused, unroutable, timeout",
     ["reason"],
 )
 

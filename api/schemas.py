@@ -4,7 +4,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shared.contract import Identifier, ScorerRef, StorableJson
+from shared.contract import MAX_BATCH_SCORES, Identifier, ScorerRef, StorableJson
 
 
 class ScoreCreateBody(BaseModel):
@@ -34,7 +34,7 @@ class ErrorRes(BaseModel):
     detail: str = Field(description="What went wrong")
 
 
-MAX_BATCH_ITEMS = 1000
+MAX_BATCH_ITEMS = MAX_BATCH_SCORES  # a batch request becomes one batch message
 MAX_DELETE_IDS = 1000
 DEFAULT_LIST_LIMIT = 10_000
 MAX_LIST_LIMIT = 1_000_000

@@ -53,7 +53,7 @@ async def create_scores(
     idempotency_key: str | None,
     idempotency_ttl_seconds: float,
 ) -> list[UUID]:
-    """Publish scores and return their ids once the broker has confirmed every one.
+    """Publish scores and return their ids once the broker has confirmed them (one message).
 
     With an Idempotency-Key, the ids are those recorded at the key's first use, so a retry
     republishes the same scores (which the worker stores once) instead of new ones.
@@ -79,7 +79,7 @@ async def create_scores(
             message.model_copy(update={"score_id": score_id})
             for message, score_id in zip(messages, score_ids, strict=True)
         ]
-    await publisher.publish_all_confirmed(messages)
+    await publisher.publish_scores(messages)
     return [message.score_id for message in messages]
 
 

@@ -3,12 +3,14 @@
 import json
 from typing import Any
 
+import aio_pika
 import asyncpg
 import httpx
 import pytest
 
 from api.keys import create_key
 from api.schemas import MAX_BATCH_ITEMS
+from shared.contract import BATCH_MESSAGE_TYPE, CONTENT_TYPE, ScoreBatchMessage
 from shared.settings import MIB, Settings
 from shared.topology import QUEUE
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, wait_for_count
@@ -89,14 +91,33 @@ async def test_the_most_items_pass_and_one_more_is_422(
 
     score_ids = await _post_batch(client, api_key, _items(MAX_BATCH_ITEMS))
     assert len(set(score_ids)) == MAX_BATCH_ITEMS
-    assert await _ready_count(settings) == MAX_BATCH_ITEMS
+    assert await _ready_count(settings) == 1  # one score.batch.v1 message carries them all
 
     response = await client.post(
         BATCH_URL, json={"scores": _items(MAX_BATCH_ITEMS + 1)}, headers=basic_auth(api_key)
     )
     assert response.status_code == 422, response.text
     assert [error["loc"] for error in response.json()["detail"]] == [["body", "scores"]]
-    assert await _ready_count(settings) == MAX_BATCH_ITEMS
+    assert await _ready_count(settings) == 1
+
+
+async def test_a_batch_is_published_as_one_batch_message_in_request_order(
+    client: httpx.AsyncClient, api_key: str, settings: Settings
+) -> None:
+    score_ids = await _post_batch(client, api_key, _items(3))
+
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        queue = await (await connection.channel()).get_queue(QUEUE, ensure=False)
+        message = await queue.get(no_ack=True, fail=True)
+        assert message is not None
+        assert await queue.get(no_ack=True, fail=False) is None
+    assert (message.type, message.content_type) == (BATCH_MESSAGE_TYPE, CONTENT_TYPE)
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    batch = ScoreBatchMessage.model_validate_json(message.body)
+    assert [str(score.score_id) for score in batch.scores] == score_ids
+    assert [score.prediction_id for score in batch.scores] == ["item-0", "item-1", "item-2"]
+    assert message.message_id not in score_ids
 
 
 @pytest.mark.parametrize(

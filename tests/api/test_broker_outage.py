@@ -150,7 +150,8 @@ async def test_posts_in_flight_when_the_broker_drops_get_200_only_if_stored(
 ) -> None:
     async with (
         running_worker(settings),
-        TcpProxy.for_url(settings.amqp_url) as proxy,
+        # Confirms that take 20 ms keep publishes in flight whenever the cut comes.
+        TcpProxy.for_url(settings.amqp_url, latency=0.02) as proxy,
         proxied_api(settings, proxy) as application,
         score_client(application, api_key) as scores,
     ):
