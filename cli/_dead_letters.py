@@ -144,8 +144,11 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
     except ValueError:
         parsed = None
     if isinstance(parsed, dict):
-        entity = parsed.get("entity") if isinstance(parsed.get("entity"), str) else None
-        project = parsed.get("project") if isinstance(parsed.get("project"), str) else None
+        # A score.batch.v1 body names its entity and project once per score: a batch has
+        # one when all its scores share it (as the API's batches always do).
+        scores = parsed.get("scores")
+        items = scores if isinstance(scores, list) and "entity" not in parsed else [parsed]
+        entity, project = _shared(items, "entity"), _shared(items, "project")
     return DeadLetter(
         id=message.message_id or hashlib.sha256(message.body).hexdigest()[:16],
         reason=reason,
@@ -160,6 +163,14 @@ def describe(message: AbstractIncomingMessage) -> DeadLetter:
         message_id=message.message_id,
         headers=headers,
     )
+
+
+def _shared(items: list[Any], key: str) -> str | None:
+    values = [item.get(key) if isinstance(item, dict) else None for item in items]
+    strings = [value for value in values if isinstance(value, str)]
+    if len(strings) != len(values) or len(set(strings)) != 1:
+        return None
+    return strings[0]
 
 
 @dataclass(frozen=True)
