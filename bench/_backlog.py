@@ -1,4 +1,8 @@
-"""Backlogs: publish many scores straight to the broker, then time a worker draining them."""
+"""Backlogs: publish many scores straight to the broker, then time a worker draining them.
+
+A backlog is counted in scores; it is queued either as one score.create.v1 message per
+score or as score.batch.v1 messages of several scores each (`bench._frames.MessageKind`).
+"""
 
 import asyncio
 import time
@@ -10,7 +14,7 @@ import aio_pika
 import aiohttp
 import asyncpg
 
-from bench._frames import publish_frames
+from bench._frames import DEFAULT_BATCH_SCORES, MessageKind, publish_frames
 from bench._services import BenchError, ServerProcess
 from bench._system import CpuWindow, cpu_seconds, memory_kib
 from shared.topology import QUEUE
@@ -21,11 +25,18 @@ _PERSISTED_METRIC = "score_ingest_scores_persisted_total "
 
 @dataclass(frozen=True)
 class PublishResult:
-    """How fast the bench filled the queue, every message confirmed by the broker."""
+    """How fast the bench filled the queue, every message confirmed by the broker.
 
+    per_s is scores per second (for single messages, also messages per second).
+    """
+
+    kind: MessageKind
+    scores: int
+    scores_per_message: int
     messages: int
     seconds: float
     per_s: float
+    messages_per_s: float
 
     def to_json(self) -> dict[str, Any]:
         """As stored in results.json."""
@@ -51,19 +62,39 @@ async def purge_queue(amqp_url: str) -> int:
         return purged.message_count or 0
 
 
-async def publish_backlog(amqp_url: str, count: int, project: str) -> PublishResult:
-    """Publish count valid scores to exchange `scores`, every one confirmed; timed."""
+async def publish_backlog(
+    amqp_url: str,
+    count: int,
+    project: str,
+    kind: MessageKind = "single",
+    batch_size: int = DEFAULT_BATCH_SCORES,
+) -> PublishResult:
+    """Publish count valid scores to exchange `scores` as `kind` messages (batch: of
+    batch_size scores each), every message confirmed; timed."""
     started = time.monotonic()
-    await publish_frames(amqp_url, count, project)
+    messages = await publish_frames(amqp_url, count, project, kind, batch_size)
     seconds = time.monotonic() - started
-    return PublishResult(count, round(seconds, 2), round(count / seconds, 1))
+    return PublishResult(
+        kind=kind,
+        scores=count,
+        scores_per_message=1 if kind == "single" else batch_size,
+        messages=messages,
+        seconds=round(seconds, 2),
+        per_s=round(count / seconds, 1),
+        messages_per_s=round(messages / seconds, 1),
+    )
 
 
 @dataclass(frozen=True)
 class DrainResult:
-    """A worker draining a backlog: how fast, whether it emptied, and its memory meanwhile."""
+    """A worker draining a backlog: how fast, whether it emptied, and its memory meanwhile.
 
+    backlog, drained, per_s and rows count scores; messages is what the backlog was queued as.
+    """
+
+    kind: MessageKind
     backlog: int
+    messages: int
     drained: int
     seconds: float
     per_s: float
@@ -121,12 +152,16 @@ async def measure_drain(
     database_url: str,
     project: str,
     backlog: int,
+    kind: MessageKind,
+    messages: int,
     drain_until: int,
     timeout_s: float,
     watch: dict[str, int],
     while_draining: Callable[[int], Coroutine[Any, Any, object]] | None = None,
 ) -> DrainResult:
     """Start a worker on a full queue and time it until drain_until scores are stored.
+
+    backlog scores wait in the queue as `messages` messages of `kind`.
 
     The clock starts when the worker process is spawned, so start-up counts against it.
     Its resident memory is sampled as it goes, against how much it has drained.
@@ -170,7 +205,9 @@ async def measure_drain(
     rows, commit_span = await rows_stored(database_url, project)
     after_start = next((rss for done, rss in samples if done > 0), samples[-1][1])
     return DrainResult(
+        kind=kind,
         backlog=backlog,
+        messages=messages,
         drained=drained,
         seconds=round(seconds, 2),
         per_s=round(drained / seconds, 1),

@@ -2,17 +2,28 @@
 
 aio-pika and aiormq spend about 0.3 ms of CPU per published message on the bench machine,
 as much as the broker itself, so a million messages took longer to publish than to drain.
-Here the three frames of a message (Basic.Publish, content header, body) are marshalled
-once with a placeholder id; every score copies them with its own UUIDv7 in place, and
-thousands go out per write. Confirms are tracked by delivery tag as the protocol says
-(`multiple` acks included); a nack or a returned (unroutable) message fails the run.
-The messages are exactly what the contract asks of direct publishers: content type, type,
-message_id = score_id, persistent, mandatory, confirmed.
+Here no message object is ever built. Two kinds of message, as the contract defines them:
+
+- `single`: one score.create.v1 message per score. The frames of a message (Basic.Publish,
+  content header, body) are marshalled once with a placeholder id; every score copies them
+  with its own UUIDv7 in place (message_id = score_id), and thousands go out per write.
+- `batch`: score.batch.v1 messages of `batch_size` scores each (the last may hold fewer),
+  as the api's batch endpoint publishes them. Each body is joined from per-score bodies,
+  each score with its own UUIDv7, and the batch gets a fresh UUIDv7 as message_id; its
+  frames are marshalled per message with pamqp, the body split into as many body frames as
+  the frame_max negotiated in Connection.Tune requires.
+
+Confirms are tracked by delivery tag as the protocol says (`multiple` acks included); a
+nack or a returned (unroutable) message fails the run. The messages are exactly what the
+contract asks of direct publishers: content type, type, message_id, persistent,
+mandatory, confirmed.
 """
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from pamqp import commands, frame
@@ -22,14 +33,18 @@ from pamqp.header import ContentHeader, ProtocolHeader
 from uuid_utils import uuid7
 
 from bench._services import BenchError
-from shared.contract import CONTENT_TYPE, MESSAGE_TYPE
+from shared.contract import BATCH_MESSAGE_TYPE, CONTENT_TYPE, MAX_BATCH_SCORES, MESSAGE_TYPE
 from shared.topology import EXCHANGE, ROUTING_KEY
+
+MessageKind = Literal["single", "batch"]
+DEFAULT_BATCH_SCORES = 500  # scores per score.batch.v1 message, as in the bench's batch POSTs
 
 _PLACEHOLDER = b"00000000-0000-7000-8000-000000000000"  # as long as any UUID string
 _CHANNEL = 1
-_WRITE_CHUNK = 500  # messages per socket write
-_UNCONFIRMED_WINDOW = 20_000  # messages published but not yet confirmed
+_WRITE_CHUNK = 500  # scores per socket write (at least one message)
+_UNCONFIRMED_WINDOW = 20_000  # scores published but not yet confirmed (at least one message)
 _FRAME_HEADER = 7
+_FRAME_OVERHEAD = _FRAME_HEADER + 1  # the header and the frame-end octet around a payload
 
 
 def message_body(score_id: str, project: str, created_at: str) -> bytes:
@@ -43,24 +58,74 @@ def message_body(score_id: str, project: str, created_at: str) -> bytes:
     ).encode()
 
 
-def _message_frames(project: str) -> bytes:
-    body = message_body(_PLACEHOLDER.decode(), project, datetime.now(UTC).isoformat())
+def message_frames(body: bytes, message_type: str, message_id: str, frame_max: int) -> bytes:
+    """One message on the wire: Basic.Publish, its content header, then its body in as many
+    body frames as frame_max (from Connection.Tune; 0 is no limit) requires."""
     properties = commands.Basic.Properties(
         content_type=CONTENT_TYPE,
-        message_type=MESSAGE_TYPE,
-        message_id=_PLACEHOLDER.decode(),
+        message_type=message_type,
+        message_id=message_id,
         delivery_mode=2,
     )
-    return b"".join(
-        (
-            frame.marshal(
-                commands.Basic.Publish(exchange=EXCHANGE, routing_key=ROUTING_KEY, mandatory=True),
-                _CHANNEL,
-            ),
-            frame.marshal(ContentHeader(body_size=len(body), properties=properties), _CHANNEL),
-            frame.marshal(ContentBody(body), _CHANNEL),
-        )
+    frames = [
+        frame.marshal(
+            commands.Basic.Publish(exchange=EXCHANGE, routing_key=ROUTING_KEY, mandatory=True),
+            _CHANNEL,
+        ),
+        frame.marshal(ContentHeader(body_size=len(body), properties=properties), _CHANNEL),
+    ]
+    step = frame_max - _FRAME_OVERHEAD if frame_max > 0 else max(len(body), 1)
+    frames.extend(
+        frame.marshal(ContentBody(body[offset : offset + step]), _CHANNEL)
+        for offset in range(0, len(body), step)
     )
+    return b"".join(frames)
+
+
+# Wire bytes of messages [first, first + n) of the backlog.
+_Encoder = Callable[[int, int], bytes]
+
+
+def _single_encoder(project: str, created_at: str, frame_max: int) -> _Encoder:
+    """score.create.v1 messages: one template, each copy with a fresh id in both places."""
+    placeholder = _PLACEHOLDER.decode()
+    template = message_frames(
+        message_body(placeholder, project, created_at), MESSAGE_TYPE, placeholder, frame_max
+    )
+    # message_id and score_id; a body split across frames could cut a placeholder in two.
+    if template.count(_PLACEHOLDER) != 2:
+        raise BenchError(f"frame_max {frame_max} splits a single score's body: too small")
+
+    def encode(_first: int, n: int) -> bytes:
+        return b"".join(template.replace(_PLACEHOLDER, str(uuid7()).encode()) for _ in range(n))
+
+    return encode
+
+
+def _batch_encoder(
+    project: str, created_at: str, frame_max: int, count: int, batch_size: int
+) -> _Encoder:
+    """score.batch.v1 messages of batch_size scores (the last takes what is left): each body
+    joined from per-score bodies with fresh ids, each message with a fresh message_id."""
+    prefix, _, suffix = message_body(_PLACEHOLDER.decode(), project, created_at).partition(
+        _PLACEHOLDER
+    )
+
+    def encode(first: int, n: int) -> bytes:
+        messages = []
+        for index in range(first, first + n):
+            scores = min(batch_size, count - index * batch_size)
+            body = b"".join(
+                (
+                    b'{"scores":[',
+                    b",".join(prefix + str(uuid7()).encode() + suffix for _ in range(scores)),
+                    b"]}",
+                )
+            )
+            messages.append(message_frames(body, BATCH_MESSAGE_TYPE, str(uuid7()), frame_max))
+        return b"".join(messages)
+
+    return encode
 
 
 class _Connection:
@@ -126,8 +191,26 @@ class _Connection:
             self.progress.set()
 
 
-async def publish_frames(amqp_url: str, count: int, project: str) -> None:
-    """Publish count valid scores to exchange `scores`; returns once all are confirmed."""
+def messages_for(count: int, kind: MessageKind, batch_size: int = DEFAULT_BATCH_SCORES) -> int:
+    """How many messages carry count scores."""
+    return count if kind == "single" else -(-count // batch_size)
+
+
+async def publish_frames(
+    amqp_url: str,
+    count: int,
+    project: str,
+    kind: MessageKind = "single",
+    batch_size: int = DEFAULT_BATCH_SCORES,
+) -> int:
+    """Publish count valid scores to exchange `scores`, as `kind` messages (batch: of
+    batch_size scores each); returns how many messages, once all are confirmed."""
+    if kind == "batch" and not 1 <= batch_size <= MAX_BATCH_SCORES:
+        raise BenchError(f"a batch message holds 1 to {MAX_BATCH_SCORES} scores, not {batch_size}")
+    per_message = 1 if kind == "single" else batch_size
+    messages = messages_for(count, kind, batch_size)
+    write_chunk = max(1, _WRITE_CHUNK // per_message)
+    window = max(1, _UNCONFIRMED_WINDOW // per_message)
     url = urlsplit(amqp_url)
     reader, writer = await asyncio.open_connection(url.hostname, url.port or 5672)
     connection = _Connection(reader, writer)
@@ -155,18 +238,19 @@ async def publish_frames(amqp_url: str, count: int, project: str) -> None:
         await connection.expect(commands.Confirm.SelectOk)
 
         confirms = asyncio.create_task(connection.count_confirms())
-        template = _message_frames(project)
+        created_at = datetime.now(UTC).isoformat()
+        encode = (
+            _single_encoder(project, created_at, tune.frame_max)
+            if kind == "single"
+            else _batch_encoder(project, created_at, tune.frame_max, count, batch_size)
+        )
         published = 0
-        while connection.confirmed < count:
+        while connection.confirmed < messages:
             if connection.failure is not None:
                 raise connection.failure
-            if published < count and published - connection.confirmed < _UNCONFIRMED_WINDOW:
-                n = min(_WRITE_CHUNK, count - published)
-                writer.write(
-                    b"".join(
-                        template.replace(_PLACEHOLDER, str(uuid7()).encode()) for _ in range(n)
-                    )
-                )
+            if published < messages and published - connection.confirmed < window:
+                n = min(write_chunk, messages - published)
+                writer.write(encode(published, n))
                 published += n
                 await writer.drain()
                 await asyncio.sleep(0)  # let the confirms in
@@ -183,3 +267,4 @@ async def publish_frames(amqp_url: str, count: int, project: str) -> None:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+    return messages

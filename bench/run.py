@@ -6,8 +6,9 @@ Phases, in order (BENCHMARKS.md explains each and how to read the results):
 2. a paced run at half score-ingest's single-POST rate: latency from 200 to row readable;
 3. py-spy profiles of the api under the same wrk loads;
 4. backlogs published straight to the broker with no worker running, then drained by one
-   worker: a drain-rate backlog, and 10k vs 1M for the worker's memory (the worker is
-   profiled while it drains the 1M backlog).
+   worker: a drain-rate backlog twice, as single-score messages and as score.batch.v1
+   messages of 500 (what the api's batch endpoint publishes), and 10k vs 1M single-score
+   messages for the worker's memory (the worker is profiled while it drains the 1M backlog).
 
 Writes bench/results.json and bench/throughput_latency.png, prints every target as PASS or
 FAIL, and exits 1 when any fails (2 when the bench itself could not run).
@@ -39,6 +40,7 @@ import uvloop
 
 import api
 from bench import _backlog, _load, _profile
+from bench._frames import MessageKind
 from bench._plot import plot
 from bench._services import (
     ENTITY,
@@ -53,6 +55,7 @@ from bench._services import (
     tool,
 )
 from bench._system import CpuWindow, RssSampler, load_average, memory_kib
+from shared.contract import BATCH_MESSAGE_TYPE
 
 BENCH_DIR = Path(__file__).resolve().parent
 BATCH_SIZE = 500
@@ -75,7 +78,11 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
     add("--warmup", type=float, default=3, help="seconds of wrk warm-up before each")
     add("--batch-connections", type=int, default=4, help="wrk connections for batch POSTs")
     add("--paced-duration", type=float, default=30, help="seconds of the half-load run")
-    add("--drain-backlog", type=int, default=200_000, help="backlog for the drain rate")
+    add(
+        "--drain-backlog", type=int, default=200_000,
+        help=f"backlog for the drain rates, in scores: once as single-score messages, once as"
+        f" {BATCH_MESSAGE_TYPE} messages of {BATCH_SIZE}",
+    )  # fmt: skip
     add("--small-backlog", type=int, default=10_000, help="small backlog for worker memory")
     add("--large-backlog", type=int, default=1_000_000, help="large backlog for worker memory")
     add(
@@ -413,23 +420,34 @@ async def _backlogs(run: _Run) -> None:
             name, [*score_ingest_command(), "worker"], WORKER_HEALTH_PORT=str(health)
         )
 
-    async def fill(count: int, project: str) -> dict[str, Any]:
+    async def fill(count: int, project: str, kind: MessageKind = "single") -> dict[str, Any]:
         run.note_load(f"publish-{project}")
-        _say(f"publishing {count:,} scores straight to exchange `scores` (no worker running)")
+        form = "single-score messages" if kind == "single" else f"batch messages of {BATCH_SIZE}"
+        _say(f"publishing {count:,} scores as {form} to exchange `scores` (no worker running)")
         # What a stopped worker left unacknowledged went back to the queue: not this backlog.
         await _backlog.purge_queue(env.amqp_url)
         window = CpuWindow({"rabbitmq": run.broker_pid})
-        published = await _backlog.publish_backlog(env.amqp_url, count, project)
+        published = await _backlog.publish_backlog(env.amqp_url, count, project, kind, BATCH_SIZE)
         cpu = window.finish()
         depth = await _backlog.queue_depth(env.amqp_url)
-        if depth != count:
-            raise BenchError(f"expected {count} queued scores, the queue holds {depth}")
-        _say(f"published {count:,} in {published.seconds:.1f}s ({published.per_s:,.0f}/s)")
+        if depth != published.messages:
+            raise BenchError(
+                f"expected {published.messages} queued messages, the queue holds {depth}"
+            )
+        _say(
+            f"published {count:,} scores in {published.messages:,} messages in "
+            f"{published.seconds:.1f}s ({published.per_s:,.0f} scores/s)"
+        )
         return {**published.to_json(), "cpu_percent": cpu}
 
-    async def drain(count: int, until: int, project: str, profile: bool = False) -> dict[str, Any]:
+    async def drain(
+        published: dict[str, Any], until: int, project: str, profile: bool = False
+    ) -> dict[str, Any]:
+        count, kind = published["scores"], published["kind"]
         run.note_load(f"drain-{project}")
-        _say(f"one worker drains {until:,} of {count:,}")
+        _say(
+            f"one worker drains {until:,} of {count:,} scores ({published['messages']:,} messages)"
+        )
         drained = await _backlog.measure_drain(
             start_worker=start_worker(f"worker-{project}"),
             metrics_url=f"http://127.0.0.1:{health}/metrics",
@@ -437,14 +455,17 @@ async def _backlogs(run: _Run) -> None:
             database_url=env.database_url,
             project=project,
             backlog=count,
+            kind=kind,
+            messages=published["messages"],
             drain_until=until,
             timeout_s=max(120.0, until / 500),
             watch={"rabbitmq": run.broker_pid},
             while_draining=profile_worker if profile else None,
         )
         _say(
-            f"drained {drained.drained:,} in {drained.seconds:.1f}s ({drained.per_s:,.0f}/s); "
-            f"worker peak RSS {drained.worker_rss_peak_kib / 1024:.0f} MiB"
+            f"drained {drained.drained:,} in {drained.seconds:.1f}s"
+            f" ({drained.per_s:,.0f} scores/s); worker peak RSS"
+            f" {drained.worker_rss_peak_kib / 1024:.0f} MiB"
         )
         return drained.to_json()
 
@@ -462,17 +483,24 @@ async def _backlogs(run: _Run) -> None:
 
     backlog: dict[str, Any] = {}
     backlog["drain_publish"] = await fill(options.drain_backlog, "drain")
-    backlog["drain"] = await drain(options.drain_backlog, options.drain_backlog, "drain")
+    backlog["drain"] = await drain(backlog["drain_publish"], options.drain_backlog, "drain")
+    backlog["drain_batch_publish"] = await fill(options.drain_backlog, "drain-batch", "batch")
+    backlog["drain_batch"] = await drain(
+        backlog["drain_batch_publish"], options.drain_backlog, "drain-batch"
+    )
     backlog["small_publish"] = await fill(options.small_backlog, "small")
-    backlog["small"] = await drain(options.small_backlog, options.small_backlog, "small")
+    backlog["small"] = await drain(backlog["small_publish"], options.small_backlog, "small")
     backlog["large_publish"] = await fill(options.large_backlog, "large")
     backlog["large"] = await drain(
-        options.large_backlog, options.large_drain, "large", profile=options.profile_seconds > 0
+        backlog["large_publish"], options.large_drain, "large", profile=options.profile_seconds > 0
     )
     results.setdefault("profile", {}).update(profiles)
     results["backlog"] = backlog
     results["memory"]["worker_peak_rss_kib_small_backlog"] = backlog["small"]["worker_rss_peak_kib"]
     results["memory"]["worker_peak_rss_kib_large_backlog"] = backlog["large"]["worker_rss_peak_kib"]
+    results["memory"]["worker_peak_rss_kib_batch_backlog"] = backlog["drain_batch"][
+        "worker_rss_peak_kib"
+    ]
 
 
 @dataclass(frozen=True)
@@ -506,7 +534,7 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
     http, visibility, backlog = results["http"], results["visibility"], results["backlog"]
     single, naive, bare = (http[k]["requests_per_s"] for k in ("single", "naive", "bare"))
     batch = http["batch"]["scores_per_s"]
-    drain = backlog["drain"]["per_s"]
+    drain_single, drain_batch = backlog["drain"]["per_s"], backlog["drain_batch"]["per_s"]
     non_2xx = (
         sum(http[k]["non_2xx"] + http[k]["socket_errors"] for k in http)
         + visibility["non_2xx"]
@@ -517,7 +545,18 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
         _ratio("single POST req/s vs naive", single, naive, 2),
         _ratio("single POST req/s vs bare", single, bare, 0.6),
         _ratio("batch scores/s vs naive single req/s", batch, naive, 15),
-        _ratio("drain scores/s vs batch accept scores/s", drain, batch, 1),
+        _ratio(
+            f"drain scores/s, backlog of batch messages of {BATCH_SIZE}, vs batch accept scores/s",
+            drain_batch,
+            batch,
+            1,
+        ),
+        _ratio(
+            "drain scores/s, backlog of single-score messages, vs single POST req/s",
+            drain_single,
+            single,
+            1,
+        ),
         Verdict(
             "p99 200-to-readable at half load",
             f"{visibility['visibility_p99_ms']:.0f} ms",
@@ -561,15 +600,33 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
             f">= {results['settings']['large_drain']:,}",
             backlog["large"]["drained"] >= results["settings"]["large_drain"],
         ),
-        Verdict(
-            "drain backlog emptied",
-            f"{backlog['drain']['rows']:,} rows, {backlog['drain']['queue_ready_after']} left",
-            "all rows, queue empty",
-            backlog["drain"]["rows"] == backlog["drain"]["backlog"]
-            and backlog["drain"]["queue_ready_after"] == 0,
+        *(
+            Verdict(
+                f"drain backlog emptied ({name})",
+                f"{backlog[key]['rows']:,} rows of {backlog[key]['backlog']:,},"
+                f" {backlog[key]['queue_ready_after']} messages left",
+                "all rows, queue empty",
+                backlog[key]["rows"] == backlog[key]["backlog"]
+                and backlog[key]["queue_ready_after"] == 0,
+            )
+            for key, name in (("drain", "single-score messages"), ("drain_batch", "batch messages"))
         ),
     ]
     return targets, checks
+
+
+def _reported(results: dict[str, Any]) -> list[str]:
+    """Measured and printed, but no target."""
+    backlog = results["backlog"]
+    return [
+        f"worker drain, {result['backlog']:,} scores as {result['messages']:,} {form}:"
+        f" {result['per_s']:,.0f} scores/s, worker peak RSS"
+        f" {result['worker_rss_peak_kib'] / 1024:.0f} MiB"
+        for result, form in (
+            (backlog["drain"], "single-score messages"),
+            (backlog["drain_batch"], f"{BATCH_MESSAGE_TYPE} messages"),
+        )
+    ]
 
 
 def _keep_logs(work: Path) -> None:
@@ -683,6 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     print("Checks that the measurement is sound:")
     for verdict in checks:
         print("  " + verdict.line())
+    print("Reported (no target):")
+    for line in _reported(results):
+        print("  " + line)
     print(f"\nresults: {options.output}\nplot: {options.plot}")
     failed = [v for v in [*targets, *checks] if not v.passed]
     if failed:
