@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 from fastapi import FastAPI
 
+from api.deps import Services
 from api.errors import install_error_handlers
 from api.keys import KeyVerifier
 from api.limits import BodySizeLimitMiddleware
@@ -32,11 +33,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         publisher = ScorePublisher(settings)
         publisher.start()
-        app.state.settings = settings
-        app.state.pool = pool
-        app.state.publisher = publisher
-        app.state.verifier = KeyVerifier(
-            pool, settings.auth_cache_ttl_seconds, settings.auth_cache_max_entries
+        app.state.services = Services(
+            settings,
+            pool,
+            publisher,
+            KeyVerifier(pool, settings.auth_cache_ttl_seconds, settings.auth_cache_max_entries),
         )
         try:
             yield

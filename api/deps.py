@@ -37,71 +37,60 @@ _basic = _Basic(
 _bearer = HTTPBearer(auto_error=False, description="The API key as a bearer token.")
 
 
+@dataclass(frozen=True)
+class Services:
+    """What the app made in its lifespan, for the routes to use."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    publisher: ScorePublisher
+    verifier: KeyVerifier
+
+
 # Dependencies are async even where they need not be: FastAPI runs plain functions in a
-# thread pool, a thread hop per dependency per request.
-async def get_settings(request: Request) -> Settings:
-    """The settings the app was made with."""
-    settings: Settings = request.app.state.settings
-    return settings
+# thread pool, a thread hop per dependency per request. They are few, too: each costs
+# FastAPI's dependency machinery tens of microseconds per request (BENCHMARKS.md).
+async def get_services(request: Request) -> Services:
+    """The app's services, made in the lifespan."""
+    services: Services = request.app.state.services
+    return services
 
 
-async def get_pool(request: Request) -> asyncpg.Pool:
-    """The app's PostgreSQL pool, made in the lifespan."""
-    pool: asyncpg.Pool = request.app.state.pool
-    return pool
-
-
-async def get_publisher(request: Request) -> ScorePublisher:
-    """The app's publisher, made in the lifespan."""
-    publisher: ScorePublisher = request.app.state.publisher
-    return publisher
-
-
-async def get_verifier(request: Request) -> KeyVerifier:
-    """The app's key verifier, made in the lifespan."""
-    verifier: KeyVerifier = request.app.state.verifier
-    return verifier
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-PoolDep = Annotated[asyncpg.Pool, Depends(get_pool)]
-PublisherDep = Annotated[ScorePublisher, Depends(get_publisher)]
-VerifierDep = Annotated[KeyVerifier, Depends(get_verifier)]
+ServicesDep = Annotated[Services, Depends(get_services)]
 EntityPath = Annotated[EntityName, Path(description="W&B entity (team or user) name")]
 ProjectPath = Annotated[ProjectName, Path(description="Project name within the entity")]
 
 
-async def authenticate(
-    verifier: VerifierDep,
-    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
-    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
-    """The principal behind the request's API key, from HTTP Basic or Bearer."""
-    if basic is not None:
-        return await verifier.verify(basic.password)
-    if bearer is not None:
-        return await verifier.verify(bearer.credentials)
-    raise InvalidCredentials("missing API key: use HTTP Basic (password) or Bearer")
-
-
 @dataclass(frozen=True)
 class ProjectScope:
-    """An entity/project from the URL that the request's key may act on."""
+    """An entity/project from the URL that the request's key may act on, and the services
+    to act with."""
 
     entity: str
     project: str
     principal: Principal
+    services: Services
 
 
 async def authorize_project(
+    request: Request,
     entity: EntityPath,
     project: ProjectPath,
-    principal: Annotated[Principal, Depends(authenticate)],
+    basic: Annotated[HTTPBasicCredentials | None, Depends(_basic)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> ProjectScope:
-    """Check that the key is scoped to the URL's entity and project."""
+    """Authenticate the API key (HTTP Basic password or Bearer token) and check that it is
+    scoped to the URL's entity and project."""
+    services: Services = request.app.state.services
+    if basic is not None:
+        principal = await services.verifier.verify(basic.password)
+    elif bearer is not None:
+        principal = await services.verifier.verify(bearer.credentials)
+    else:
+        raise InvalidCredentials("missing API key: use HTTP Basic (password) or Bearer")
     if not principal.may_access(entity, project):
         raise Forbidden(f"this API key is not scoped to {entity}/{project}")
-    return ProjectScope(entity, project, principal)
+    return ProjectScope(entity, project, principal, services)
 
 
 ProjectScopeDep = Annotated[ProjectScope, Depends(authorize_project)]

@@ -6,12 +6,9 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from uuid import UUID
 
-import asyncpg
-
 from api import repository
 from api.deps import ProjectScope
 from api.errors import IdempotencyKeyReused, NotFound, database_unavailable_as_503
-from api.publisher import ScorePublisher
 from api.schemas import ScoreCreateBody
 from shared.contract import ScoreMessage
 from shared.ids import new_score_id
@@ -44,8 +41,6 @@ def _request_hash(kind: str, bodies: Sequence[ScoreCreateBody]) -> bytes:
 
 
 async def create_scores(
-    publisher: ScorePublisher,
-    pool: asyncpg.Pool,
     scope: ProjectScope,
     bodies: Sequence[ScoreCreateBody],
     *,
@@ -63,7 +58,7 @@ async def create_scores(
         request_hash = _request_hash(kind, bodies)
         with database_unavailable_as_503():
             stored_hash, score_ids = await repository.claim_idempotency_key(
-                pool,
+                scope.services.pool,
                 scope.entity,
                 scope.project,
                 idempotency_key,
@@ -79,21 +74,22 @@ async def create_scores(
             message.model_copy(update={"score_id": score_id})
             for message, score_id in zip(messages, score_ids, strict=True)
         ]
-    await publisher.publish_scores(messages)
+    await scope.services.publisher.publish_scores(messages)
     return [message.score_id for message in messages]
 
 
-async def read_score(pool: asyncpg.Pool, scope: ProjectScope, score_id: UUID) -> bytes:
+async def read_score(scope: ProjectScope, score_id: UUID) -> bytes:
     """A stored score of the project as JSON; NotFound otherwise."""
     with database_unavailable_as_503():
-        found = await repository.read_score(pool, scope.entity, scope.project, score_id)
+        found = await repository.read_score(
+            scope.services.pool, scope.entity, scope.project, score_id
+        )
     if found is None:
         raise NotFound(f"no score {score_id} in {scope.entity}/{scope.project}")
     return found
 
 
 async def list_scores(
-    pool: asyncpg.Pool,
     scope: ProjectScope,
     evaluation_run_id: str | None,
     limit: int,
@@ -102,11 +98,13 @@ async def list_scores(
     """The project's scores as JSON Lines, streamed from the database."""
     with database_unavailable_as_503():
         return await repository.open_score_stream(
-            pool, scope.entity, scope.project, evaluation_run_id, limit, offset
+            scope.services.pool, scope.entity, scope.project, evaluation_run_id, limit, offset
         )
 
 
-async def delete_scores(pool: asyncpg.Pool, scope: ProjectScope, score_ids: Sequence[UUID]) -> int:
+async def delete_scores(scope: ProjectScope, score_ids: Sequence[UUID]) -> int:
     """Delete scores for good; returns how many stored rows went."""
     with database_unavailable_as_503():
-        return await repository.delete_scores(pool, scope.entity, scope.project, score_ids)
+        return await repository.delete_scores(
+            scope.services.pool, scope.entity, scope.project, score_ids
+        )

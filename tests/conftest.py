@@ -122,7 +122,7 @@ async def running_app(settings: Settings) -> AsyncIterator[FastAPI]:
     """An API app built from settings, its lifespan running and its publisher connected."""
     application = create_app(settings)
     async with application.router.lifespan_context(application):
-        await asyncio.wait_for(application.state.publisher.wait_ready(), timeout=10)
+        await asyncio.wait_for(application.state.services.publisher.wait_ready(), timeout=10)
         yield application
 
 

@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from api.deps import PublisherDep
+from api.deps import ServicesDep
 
 router = APIRouter(include_in_schema=False)
 
@@ -16,9 +16,9 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/readyz")
-async def readyz(publisher: PublisherDep) -> JSONResponse:
+async def readyz(services: ServicesDep) -> JSONResponse:
     """Ready when a publish could be confirmed now: the broker channel is open and unblocked."""
-    if publisher.ready:
+    if services.publisher.ready:
         return JSONResponse({"status": "ready"})
     return JSONResponse({"status": "broker unavailable"}, status_code=503)
 

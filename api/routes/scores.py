@@ -7,7 +7,7 @@ from fastapi import APIRouter, Header, Query
 from fastapi.responses import Response, StreamingResponse
 
 from api import service
-from api.deps import PoolDep, ProjectScopeDep, PublisherDep, SettingsDep
+from api.deps import ProjectScopeDep
 from api.json_route import PydanticJsonRoute
 from api.schemas import (
     DEFAULT_LIST_LIMIT,
@@ -68,20 +68,15 @@ router = APIRouter(tags=["Scores"], route_class=PydanticJsonRoute)
 async def score_create(
     scope: ProjectScopeDep,
     body: ScoreCreateBody,
-    publisher: PublisherDep,
-    pool: PoolDep,
-    settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> ScoreCreateRes:
     """Create one score."""
     (score_id,) = await service.create_scores(
-        publisher,
-        pool,
         scope,
         [body],
         kind="single",
         idempotency_key=idempotency_key,
-        idempotency_ttl_seconds=settings.idempotency_key_ttl_seconds,
+        idempotency_ttl_seconds=scope.services.settings.idempotency_key_ttl_seconds,
     )
     return ScoreCreateRes(score_id=str(score_id))
 
@@ -99,20 +94,15 @@ async def score_create(
 async def score_batch_create(
     scope: ProjectScopeDep,
     body: ScoreBatchCreateBody,
-    publisher: PublisherDep,
-    pool: PoolDep,
-    settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> ScoreBatchCreateRes:
     """Create many scores at once."""
     score_ids = await service.create_scores(
-        publisher,
-        pool,
         scope,
         body.scores,
         kind="batch",
         idempotency_key=idempotency_key,
-        idempotency_ttl_seconds=settings.idempotency_key_ttl_seconds,
+        idempotency_ttl_seconds=scope.services.settings.idempotency_key_ttl_seconds,
     )
     return ScoreBatchCreateRes(score_ids=[str(score_id) for score_id in score_ids])
 
@@ -128,9 +118,9 @@ async def score_batch_create(
         **_UNAVAILABLE,
     },
 )
-async def score_read(scope: ProjectScopeDep, score_id: UUID, pool: PoolDep) -> Response:
+async def score_read(scope: ProjectScopeDep, score_id: UUID) -> Response:
     """Read one score."""
-    return Response(await service.read_score(pool, scope, score_id), media_type="application/json")
+    return Response(await service.read_score(scope, score_id), media_type="application/json")
 
 
 @router.get(
@@ -154,7 +144,6 @@ async def score_read(scope: ProjectScopeDep, score_id: UUID, pool: PoolDep) -> R
 )
 async def score_list(
     scope: ProjectScopeDep,
-    pool: PoolDep,
     evaluation_run_id: Annotated[
         Identifier | None, Query(description="Only scores of this evaluation run")
     ] = None,
@@ -164,7 +153,7 @@ async def score_list(
     offset: Annotated[int, Query(ge=0, le=_MAX_BIGINT, description="Scores to skip")] = 0,
 ) -> StreamingResponse:
     """List scores."""
-    chunks = await service.list_scores(pool, scope, evaluation_run_id, limit, offset)
+    chunks = await service.list_scores(scope, evaluation_run_id, limit, offset)
     return StreamingResponse(chunks, media_type="application/jsonl")
 
 
@@ -179,11 +168,10 @@ async def score_list(
 )
 async def score_delete(
     scope: ProjectScopeDep,
-    pool: PoolDep,
     score_ids: Annotated[
         list[UUID],
         Query(min_length=1, max_length=MAX_DELETE_IDS, description="Score IDs to delete"),
     ],
 ) -> ScoreDeleteRes:
     """Delete scores."""
-    return ScoreDeleteRes(num_deleted=await service.delete_scores(pool, scope, score_ids))
+    return ScoreDeleteRes(num_deleted=await service.delete_scores(scope, score_ids))

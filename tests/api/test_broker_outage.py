@@ -125,7 +125,7 @@ async def test_a_cut_broker_gets_prompt_503s_then_200s_again_without_a_restart(
         proxied_api(settings, proxy) as application,
         score_client(application, api_key) as scores,
     ):
-        await asyncio.wait_for(application.state.publisher.wait_ready(), timeout=10)
+        await asyncio.wait_for(application.state.services.publisher.wait_ready(), timeout=10)
         for _ in range(3):
             assert (await scores.post()).response.status_code == 200
 
@@ -155,7 +155,7 @@ async def test_posts_in_flight_when_the_broker_drops_get_200_only_if_stored(
         proxied_api(settings, proxy) as application,
         score_client(application, api_key) as scores,
     ):
-        await asyncio.wait_for(application.state.publisher.wait_ready(), timeout=10)
+        await asyncio.wait_for(application.state.services.publisher.wait_ready(), timeout=10)
         loop = asyncio.get_running_loop()
         recovered = asyncio.Event()
 
