@@ -9,6 +9,7 @@ store (NUL characters, lone surrogates, NaN and infinities, runaway nesting).
 import math
 import re
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Annotated, Any, Final
 
 from pydantic import (
@@ -75,15 +76,24 @@ def _check_utc_representable(value: datetime) -> datetime:
 
 def _check_scorer(value: str) -> str:
     _check_text(value)
-    try:
-        parse_weave_ref(value)
-    except InvalidRefError as exc:
+    problem = _scorer_problem(value)
+    if problem is not None:
         raise PydanticCustomError(
             "weave_ref",
             "must be a Weave object or op reference "
-            f"(weave:///<entity>/<project>/object|op/<name>:<digest>): {exc}",
-        ) from None
+            f"(weave:///<entity>/<project>/object|op/<name>:<digest>): {problem}",
+        )
     return value
+
+
+@lru_cache(maxsize=4096)
+def _scorer_problem(value: str) -> str | None:
+    # Cached: the scores of an evaluation, and of a batch, nearly always share their scorer.
+    try:
+        parse_weave_ref(value)
+    except InvalidRefError as exc:
+        return str(exc)
+    return None
 
 
 class _Unstorable(Exception):
@@ -94,32 +104,53 @@ class _Unstorable(Exception):
 
 
 def _walk(value: Any, depth: int) -> None:
-    if value is None or isinstance(value, bool):
-        return
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is str:
         problem = _text_problem(value)
         if problem:
             raise _Unstorable("", f"string {problem}")
+    elif kind is dict or kind is list:
+        if depth >= MAX_JSON_DEPTH:
+            raise _Unstorable("", f"nested deeper than {MAX_JSON_DEPTH} levels")
+        items = value.items() if kind is dict else enumerate(value)
+        for key, item in items:
+            if kind is dict:
+                problem = _text_problem(key) if isinstance(key, str) else None
+                if problem:
+                    raise _Unstorable(f"[{key!r}]", f"object key {problem}")
+            item_kind = type(item)
+            # Scalars are checked here rather than in a call each: most values are flat.
+            if item is None or item_kind is bool or (item_kind is str and not _text_problem(item)):
+                continue
+            if item_kind is float and math.isfinite(item):
+                continue
+            if item_kind is int and -_MAX_INT < item < _MAX_INT:
+                continue
+            try:
+                _walk(item, depth + 1)
+            except _Unstorable as exc:
+                exc.path = f"[{key!r}]{exc.path}"
+                raise
+    else:
+        _walk_other(value, depth)
+
+
+def _walk_other(value: Any, depth: int) -> None:
+    """Values not of JSON's own types: subclasses, tuples, and what JSON cannot hold."""
+    if value is None or isinstance(value, bool):
+        return
+    if isinstance(value, str):
+        _walk(str(value), depth)
     elif isinstance(value, int):
         if not -_MAX_INT < value < _MAX_INT:
             raise _Unstorable("", f"integer has more than {MAX_INT_DIGITS} digits")
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise _Unstorable("", "NaN and infinite numbers are not JSON and cannot be stored")
-    elif isinstance(value, dict | list):
-        if depth >= MAX_JSON_DEPTH:
-            raise _Unstorable("", f"nested deeper than {MAX_JSON_DEPTH} levels")
-        items = value.items() if isinstance(value, dict) else enumerate(value)
-        for key, item in items:
-            if isinstance(key, str):
-                problem = _text_problem(key)
-                if problem:
-                    raise _Unstorable(f"[{key!r}]", f"object key {problem}")
-            try:
-                _walk(item, depth + 1)
-            except _Unstorable as exc:
-                exc.path = f"[{key!r}]{exc.path}"
-                raise
+    elif isinstance(value, dict):
+        _walk(dict(value), depth)
+    elif isinstance(value, list | tuple):
+        _walk(list(value), depth)
     else:
         raise _Unstorable("", f"{type(value).__name__} is not a JSON value")
 
