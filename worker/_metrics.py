@@ -5,7 +5,7 @@ from prometheus_client import Counter, Gauge, Histogram
 SCORES_PERSISTED = Counter("score_ingest_scores_persisted_total", "Scores written to PostgreSQL")
 DUPLICATES_SKIPPED = Counter(
     "score_ingest_duplicates_skipped_total",
-    "Messages not stored because their score was already stored or deleted",
+    "Scores not stored because they were already stored or deleted",
 )
 DEAD_LETTERED = Counter(
     "score_ingest_dead_lettered_total", "Messages sent to scores.dead, by reason", ["reason"]
@@ -34,4 +34,8 @@ QUEUE_DEPTH = Gauge(
 )
 DATABASE_RETRIES = Counter(
     "score_ingest_database_retries_total", "Batch writes retried because PostgreSQL failed"
+)
+PREFETCH = Gauge(
+    "score_ingest_worker_prefetch",
+    "Messages the broker may send ahead (fitted to WORKER_PREFETCH_BYTES by message size)",
 )

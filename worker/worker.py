@@ -39,6 +39,7 @@ from worker._metrics import (
     DUPLICATES_SKIPPED,
     INSERT_SECONDS,
     PERSIST_LAG_SECONDS,
+    PREFETCH,
     QUEUE_DEPTH,
     SCORES_PERSISTED,
 )
@@ -77,6 +78,7 @@ class ScoreWorker:
         self._health = HealthServer(
             settings.worker_health_host, settings.worker_health_port, self._is_ready
         )
+        self._prefetch = settings.worker_prefetch
         self.persisted = 0
         self.duplicates = 0
 
@@ -94,6 +96,7 @@ class ScoreWorker:
     async def run(self) -> None:
         """Consume and store until stopped."""
         chores: list[asyncio.Task[None]] = []
+        storing: asyncio.Task[None] | None = None
         try:
             await self._start()
             chores = [
@@ -101,12 +104,22 @@ class ScoreWorker:
                 asyncio.create_task(self._poll_queue_depths_periodically()),
             ]
             while not self._stopping:
-                await self._handle(await self._collect_batch())
+                batch = await self._collect_batch()
+                await self._fit_prefetch(batch)
+                # Collecting and decoding a batch overlaps with storing the one before, which
+                # PostgreSQL does on another core. Each batch is stored and acked only after
+                # the one before, so acks stay in delivery order.
+                if storing is not None:
+                    await storing
+                storing = asyncio.create_task(self._handle(batch))
+            if storing is not None:
+                await storing
             await self._stop_consuming()
             await self._handle(self._drain_inbox())
         finally:
-            for chore in chores:
-                chore.cancel()
+            for task in (*chores, storing):
+                if task is not None:
+                    task.cancel()
             await self._close()
 
     async def _is_ready(self) -> bool:
@@ -160,6 +173,7 @@ class ScoreWorker:
         )
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=settings.worker_prefetch)
+        PREFETCH.set(settings.worker_prefetch)
         topology = await declare_topology(channel, settings)
         self._dead_letter_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
@@ -199,6 +213,31 @@ class ScoreWorker:
             batch.append(_decode(message))
             scores += _count(batch[-1])
         return batch
+
+    async def _fit_prefetch(self, batch: list[_Taken]) -> None:
+        """Keep the bytes the broker may send ahead near WORKER_PREFETCH_BYTES.
+
+        AMQP's prefetch counts messages, and a score.batch.v1 message can be a thousand times
+        the size of a single score, so the count follows the size of recent messages:
+        between 2 and WORKER_PREFETCH. Memory stays bounded whichever kind is queued.
+        """
+        if not batch or self._queue is None:
+            return
+        mean_size = sum(len(message.body) for message, _ in batch) / len(batch)
+        wanted = int(self._settings.worker_prefetch_bytes // max(mean_size, 1))
+        wanted = max(2, min(self._settings.worker_prefetch, wanted))
+        if (
+            wanted * 2 <= self._prefetch
+            or wanted >= self._prefetch * 2
+            or (wanted == self._settings.worker_prefetch != self._prefetch)
+        ):
+            try:
+                await self._queue.channel.set_qos(prefetch_count=wanted)
+            except CONNECTION_EXCEPTIONS as exc:
+                log.warning("could not change the prefetch window: %s", exc)
+                return
+            self._prefetch = wanted
+            PREFETCH.set(wanted)
 
     def _drain_inbox(self) -> list[_Taken]:
         drained = []
@@ -307,7 +346,7 @@ class ScoreWorker:
         if self._queue is not None:
             # A round trip on the consuming channel after the last acks, before it closes.
             with contextlib.suppress(*CONNECTION_EXCEPTIONS):
-                await self._queue.channel.set_qos(prefetch_count=self._settings.worker_prefetch)
+                await self._queue.channel.set_qos(prefetch_count=self._prefetch)
         if self._connection is not None:
             await self._connection.close()
         if self._pool is not None:
