@@ -75,6 +75,7 @@ class MessageProperties:
 class _Pending:
     outcome: asyncio.Future[None]
     message_id: str
+    route: tuple[str, str]  # exchange, routing key
     deadline: float
 
 
@@ -131,8 +132,8 @@ class ConfirmingPublisher(asyncio.Protocol):
         self._lowest_pending = 1
         self._swept_through = 0
         self._pending: dict[int, _Pending] = {}
-        self._returned: set[str] = set()
-        self._return_header_due = False
+        self._returned: set[int] = set()  # delivery tags of publishes the broker returned
+        self._returning: tuple[str, str] | None = None  # route of a returned message
         self._last_received = self._loop.time()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self.closed: asyncio.Future[None] = self._loop.create_future()
@@ -182,6 +183,7 @@ class ConfirmingPublisher(asyncio.Protocol):
                         "publisher_confirms": True,
                         "connection.blocked": True,
                         "basic.nack": True,
+                        "authentication_failure_close": True,
                     },
                 },
                 response=f"\0{user}\0{password}",
@@ -255,11 +257,10 @@ class ConfirmingPublisher(asyncio.Protocol):
             method = self._publish_frames[(exchange, routing_key)] = frame.marshal(
                 publish, _CHANNEL
             )
+        header = _frame(_FRAME_HEADER, encode_header(len(body), properties, message_id, timestamp))
         outgoing = self._outgoing
         outgoing.append(method)
-        outgoing.append(
-            _frame(_FRAME_HEADER, encode_header(len(body), properties, message_id, timestamp))
-        )
+        outgoing.append(header)
         chunk = self._frame_max - _FRAME_OVERHEAD
         for start in range(0, len(body), chunk):
             outgoing.append(_frame(_FRAME_BODY, body[start : start + chunk]))
@@ -268,7 +269,9 @@ class ConfirmingPublisher(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         outcome = self._loop.create_future()
         deadline = self._loop.time() + self._publish_timeout
-        self._pending[self._next_tag] = _Pending(outcome, message_id, deadline)
+        self._pending[self._next_tag] = _Pending(
+            outcome, message_id, (exchange, routing_key), deadline
+        )
         self._next_tag += 1
         return outcome
 
@@ -315,14 +318,14 @@ class ConfirmingPublisher(asyncio.Protocol):
             )
             assert isinstance(method, Frame)
             self._on_method(method)
-        elif kind == _FRAME_HEADER and self._return_header_due:
-            # The header of a returned message: note its id for the ack that follows.
-            self._return_header_due = False
+        elif kind == _FRAME_HEADER and self._returning is not None:
+            # The header of a returned message: its id tells which publish came back.
             _, _, header = frame.unmarshal(
                 struct.pack(">BHI", kind, channel, len(payload)) + payload + _FRAME_END
             )
             assert isinstance(header, ContentHeader)
-            self._returned.add(header.properties.message_id or "")
+            self._mark_returned(header.properties.message_id or "", self._returning)
+            self._returning = None
         # Bodies of returned messages and heartbeats need nothing more.
 
     def _on_method(self, method: Frame) -> None:
@@ -335,7 +338,7 @@ class ConfirmingPublisher(asyncio.Protocol):
                 PublishFailed("refused", "message broker refused the message (queue full)"),
             )
         elif isinstance(method, commands.Basic.Return):
-            self._return_header_due = True
+            self._returning = (method.exchange, method.routing_key or "")
         elif isinstance(method, commands.Connection.Blocked):
             self._blocked = True
             self._fail_all(
@@ -343,6 +346,8 @@ class ConfirmingPublisher(asyncio.Protocol):
             )
         elif isinstance(method, commands.Connection.Unblocked):
             self._blocked = False
+        elif isinstance(method, commands.Connection.CloseOk):
+            self._lose("closed")
         elif isinstance(method, commands.Connection.Close):
             self._write_quietly(commands.Connection.CloseOk(), 0)
             self._lose(f"the broker closed the connection: {method.reply_text}")
@@ -352,14 +357,28 @@ class ConfirmingPublisher(asyncio.Protocol):
         elif self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(method)
 
+    def _mark_returned(self, message_id: str, route: tuple[str, str]) -> None:
+        # The broker handles a channel's publishes in order and returns an unroutable one
+        # before its ack: the return is for the oldest publish not yet acked or returned
+        # with this id and route (two such publishes would share their fate anyway).
+        for tag, pending in self._pending.items():
+            if (
+                pending.message_id == message_id
+                and pending.route == route
+                and tag not in self._returned
+            ):
+                self._returned.add(tag)
+                return
+
     def _settle(self, tag: int, multiple: bool, error: PublishFailed | None) -> None:
         tags = range(self._lowest_pending, tag + 1) if multiple else (tag,)
         for each in tags:
             pending = self._pending.pop(each, None)
+            returned = each in self._returned
+            self._returned.discard(each)
             if pending is None or pending.outcome.done():
                 continue
-            if pending.message_id in self._returned:
-                self._returned.discard(pending.message_id)
+            if returned:
                 pending.outcome.set_exception(
                     PublishFailed("unroutable", "message broker could not route the message")
                 )
@@ -418,6 +437,7 @@ class ConfirmingPublisher(asyncio.Protocol):
         self._open = False
         self._fail_all(PublishFailed("unavailable", f"lost the message broker: {detail}"))
         self._pending.clear()
+        self._returned.clear()
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_exception(PublishFailed("closed", detail))
         for timer in self._timers.values():
