@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from functools import partial
 
 import aio_pika
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
@@ -16,6 +17,7 @@ from shared.amqp import ConfirmingPublisher, MessageProperties, PublishFailed
 from shared.contract import (
     BATCH_MESSAGE_TYPE,
     CONTENT_TYPE,
+    MAX_BATCH_SCORES,
     MESSAGE_TYPE,
     ScoreBatchMessage,
     ScoreMessage,
@@ -44,6 +46,7 @@ class ScorePublisher:
         self._connection: ConfirmingPublisher | None = None
         self._connected = asyncio.Event()
         self._keeping: asyncio.Task[None] | None = None
+        self._gathered: list[tuple[ScoreMessage, asyncio.Future[None]]] = []
 
     def start(self) -> None:
         """Begin connecting in the background; until connected, publishes answer 503."""
@@ -99,24 +102,46 @@ class ScorePublisher:
         )
 
     async def publish_scores(self, messages: Sequence[ScoreMessage]) -> None:
-        """Publish scores as one message and wait for the broker's confirm.
+        """Publish scores and wait for the broker's confirm; raises BrokerUnavailable.
 
-        One score goes as a `score.create.v1` message, several as one `score.batch.v1`
-        message, so a batch is accepted or refused as a whole. Raises BrokerUnavailable.
+        A batch request's scores go as one `score.batch.v1` message, so the broker accepts
+        or refuses them as a whole. Single scores published in the same turn of the event
+        loop (requests that arrived together) also travel as one message, like a group
+        commit: each request still answers only after the confirm of the message holding
+        its score, and no request waits for others to arrive.
         """
+        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if len(messages) == 1:
-            body = messages[0].model_dump_json().encode()
-            properties, message_id = SCORE_PROPERTIES, str(messages[0].score_id)
+            self._gathered.append((messages[0], outcome))
+            if len(self._gathered) == 1:
+                asyncio.get_running_loop().call_soon(self._publish_gathered)
+            elif len(self._gathered) >= MAX_BATCH_SCORES:
+                self._publish_gathered()
         else:
-            batch = ScoreBatchMessage.model_construct(scores=list(messages))
-            body = batch.model_dump_json().encode()
+            self._publish(list(messages), [outcome])
+        try:
+            await outcome
+        except PublishFailed as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        SCORES_ACCEPTED.inc(len(messages))
+
+    def _publish_gathered(self) -> None:
+        gathered, self._gathered = self._gathered, []
+        if gathered:
+            self._publish([score for score, _ in gathered], [outcome for _, outcome in gathered])
+
+    def _publish(self, scores: list[ScoreMessage], outcomes: list[asyncio.Future[None]]) -> None:
+        if len(scores) == 1:
+            body = scores[0].model_dump_json().encode()
+            properties, message_id = SCORE_PROPERTIES, str(scores[0].score_id)
+        else:
+            body = ScoreBatchMessage.model_construct(scores=scores).model_dump_json().encode()
             properties, message_id = BATCH_PROPERTIES, str(new_score_id())
         started = time.perf_counter()
         try:
-            connection = self._connection
-            if connection is None:
+            if self._connection is None:
                 raise PublishFailed("unavailable", "not connected to the message broker")
-            await connection.publish(
+            confirm = self._connection.publish(
                 EXCHANGE,
                 ROUTING_KEY,
                 body,
@@ -125,10 +150,9 @@ class ScorePublisher:
                 timestamp=datetime.now(UTC),
             )
         except PublishFailed as exc:
-            PUBLISH_FAILURES.labels(exc.reason).inc()
-            raise BrokerUnavailable(str(exc)) from exc
-        PUBLISH_CONFIRM_SECONDS.observe(time.perf_counter() - started)
-        SCORES_ACCEPTED.inc(len(messages))
+            confirm = asyncio.get_running_loop().create_future()
+            confirm.set_exception(exc)
+        confirm.add_done_callback(partial(_pass_on, outcomes, started))
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
@@ -138,3 +162,25 @@ class ScorePublisher:
                 await self._keeping
         if self._connection is not None:
             await self._connection.close()
+
+
+def _pass_on(
+    outcomes: list[asyncio.Future[None]], started: float, confirm: asyncio.Future[None]
+) -> None:
+    """Hand a message's confirm (or its failure) to every request whose score it holds."""
+    error = (
+        PublishFailed("unavailable", "the publish was cancelled")
+        if confirm.cancelled()
+        else confirm.exception()
+    )
+    if error is None:
+        PUBLISH_CONFIRM_SECONDS.observe(time.perf_counter() - started)
+    else:
+        PUBLISH_FAILURES.labels(getattr(error, "reason", "unavailable")).inc()
+    for outcome in outcomes:
+        if outcome.done():  # its request is gone (the client disconnected)
+            continue
+        if error is None:
+            outcome.set_result(None)
+        else:
+            outcome.set_exception(error)
