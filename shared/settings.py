@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     worker_health_port: int = Field(default=8001, ge=0, le=65535)
     worker_prefetch: int = Field(default=2000, ge=2)
     worker_prefetch_bytes: int = Field(default=64 * MIB, ge=MIB)
-    worker_batch_size: int = Field(default=500, ge=1)
+    worker_batch_size: int = Field(default=2000, ge=1)
     worker_flush_interval_seconds: float = Field(default=0.02, ge=0)
     worker_retry_max_seconds: float = Field(default=5.0, gt=0)
     worker_shutdown_grace_seconds: float = Field(default=30.0, ge=0)

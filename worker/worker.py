@@ -52,6 +52,7 @@ _Decoded = tuple[AbstractIncomingMessage, list[ScoreMessage]]
 _Taken = tuple[AbstractIncomingMessage, list[ScoreMessage] | PoisonMessage]
 _PURGE_INTERVAL_SECONDS = 600
 _QUEUE_DEPTH_INTERVAL_SECONDS = 5
+_YIELD_EVERY_SCORES = 250
 
 
 class ScoreWorker:
@@ -188,8 +189,8 @@ class ScoreWorker:
 
     async def _collect_batch(self) -> list[_Taken]:
         """Wait for one message, then take more until the batch holds WORKER_BATCH_SIZE scores
-        or the flush interval ends. Messages are decoded as they are taken: a batch message
-        counts for all its scores."""
+        (or a quarter of the prefetch window in messages) or the flush interval ends. Messages
+        are decoded as they are taken: a batch message counts for all its scores."""
         first = await self._inbox.get()
         if first is None:
             return []
@@ -197,7 +198,11 @@ class ScoreWorker:
         scores = _count(batch[0])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.worker_flush_interval_seconds
-        while scores < self._settings.worker_batch_size:
+        # At most a quarter of the prefetch window in messages, so that the broker keeps
+        # sending while a batch is stored.
+        most_messages = max(1, self._prefetch // 4)
+        next_yield = _YIELD_EVERY_SCORES
+        while scores < self._settings.worker_batch_size and len(batch) < most_messages:
             if self._inbox.empty():
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -212,6 +217,11 @@ class ScoreWorker:
                 break
             batch.append(_decode(message))
             scores += _count(batch[-1])
+            if scores >= next_yield:
+                # Decoding is CPU work that holds the event loop; let the batch being stored
+                # take its next round trip to PostgreSQL in between.
+                next_yield = scores + _YIELD_EVERY_SCORES
+                await asyncio.sleep(0)
         return batch
 
     async def _fit_prefetch(self, batch: list[_Taken]) -> None:

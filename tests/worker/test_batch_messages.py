@@ -428,7 +428,7 @@ async def test_single_and_batch_messages_share_a_worker_batch_counted_in_scores(
     The flush interval is far longer than the test waits, so the rows only land in time if the
     batch messages count for all their scores; and they land in one transaction.
     """
-    assert settings.worker_batch_size == 500
+    settings = settings.model_copy(update={"worker_batch_size": 500})
     singles = many(100, "single")
     batches = [many(150, "b150"), many(200, "b200"), many(50, "b50")]
     messages = [to_amqp_message(score) for score in singles[:40]]
@@ -454,7 +454,7 @@ async def test_single_and_batch_messages_share_a_worker_batch_counted_in_scores(
 async def test_a_batch_message_larger_than_the_worker_batch_is_stored_whole(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
-    assert settings.worker_batch_size == 500
+    settings = settings.model_copy(update={"worker_batch_size": 500})
     big = many(700, "big")
     singles = many(5, "after-big")
     async with connect_broker(settings) as broker:
