@@ -17,14 +17,19 @@ class BodySizeLimitMiddleware:
         self.max_batch_bytes = max_batch_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Buffer the body up to the limit, then hand it on as one message."""
+        """Refuse a declared length over the limit at once; count a chunked body as it comes,
+        then hand it on as one message."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         limit = self.max_batch_bytes if scope["path"].endswith("/batch") else self.max_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(send, limit)
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit():
+            if int(declared) > limit:
+                await _too_large(send, limit)
+                return
+            # The server reads exactly the declared length, never more: nothing to count.
+            await self.app(scope, receive, send)
             return
         chunks: list[bytes] = []
         size = 0
@@ -43,6 +48,13 @@ class BodySizeLimitMiddleware:
             more = message.get("more_body", False)
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
         await self.app(scope, _replay([body], receive), send)
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
 
 
 async def _too_large(send: Send, limit: int) -> None:

@@ -3,6 +3,7 @@
 import re
 import time
 import uuid
+from functools import lru_cache
 
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -34,6 +35,7 @@ PUBLISH_FAILURES = Counter(
     ["reason"],
 )
 
+_REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -48,7 +50,14 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        given = next(
+            (
+                value.decode("latin-1")
+                for name, value in scope["headers"]
+                if name == _REQUEST_ID_HEADER
+            ),
+            "",
+        )
         current = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         token = request_id.set(current)
         started = time.perf_counter()
@@ -69,6 +78,17 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            HTTP_REQUESTS.labels(scope["method"], template, str(status)).inc()
-            HTTP_SECONDS.labels(template).observe(time.perf_counter() - started)
+            _requests(scope["method"], template, status).inc()
+            _seconds(template).observe(time.perf_counter() - started)
             request_id.reset(token)
+
+
+# Looking up a labelled child takes a lock and checks the labels; these are few, so keep them.
+@lru_cache(maxsize=1024)
+def _requests(method: str, route: str, status: int) -> Counter:
+    return HTTP_REQUESTS.labels(method, route, str(status))
+
+
+@lru_cache(maxsize=256)
+def _seconds(route: str) -> Histogram:
+    return HTTP_SECONDS.labels(route)
