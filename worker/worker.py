@@ -241,8 +241,17 @@ class ScoreWorker:
             or wanted >= self._prefetch * 2
             or (wanted == self._settings.worker_prefetch != self._prefetch)
         ):
+            # A prefetch count applies to consumers started after it: consume anew with it,
+            # then cancel the old consumer. Messages the old one received stay unacked on
+            # this channel and are handled like any others; delivery tags stay in order.
             try:
                 await self._queue.channel.set_qos(prefetch_count=wanted)
+                replaced, self._consumer_tag = (
+                    self._consumer_tag,
+                    await self._queue.consume(self._inbox.put),
+                )
+                if replaced is not None:
+                    await self._queue.cancel(replaced)
             except CONNECTION_EXCEPTIONS as exc:
                 log.warning("could not change the prefetch window: %s", exc)
                 return
@@ -350,6 +359,10 @@ class ScoreWorker:
                 await self._queue.cancel(self._consumer_tag)
             except CONNECTION_EXCEPTIONS as exc:
                 log.warning("could not cancel the consumer cleanly: %s", exc)
+        # Deliveries that arrived before the cancel-ok reach the inbox in tasks of their
+        # own; let them land before the inbox is drained, or they stay unacked.
+        for _ in range(3):
+            await asyncio.sleep(0)
 
     async def _close(self) -> None:
         await self._health.close()
