@@ -5,6 +5,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 
 from api.deps import Services
 from api.errors import install_error_handlers
@@ -16,6 +17,9 @@ from api.routes import health, scores
 from shared.settings import Settings, get_settings
 
 _CONNECT_TIMEOUT_SECONDS = 5
+# We export Prometheus metrics and JSON logs, not OpenTelemetry. FastAPI's native telemetry
+# would otherwise look up the global OpenTelemetry providers on every request.
+NO_OPENTELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -50,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         description="Durable ingestion for Weave scores.",
         lifespan=lifespan,
+        telemetry=NO_OPENTELEMETRY,
     )
     app.add_middleware(
         BodySizeLimitMiddleware,

@@ -6,6 +6,7 @@ the price of its durability and its checks.
 
 from fastapi import FastAPI
 
+from api.app import NO_OPENTELEMETRY
 from api.schemas import ScoreCreateBody, ScoreCreateRes
 from shared.ids import new_score_id
 from shared.settings import Settings
@@ -13,7 +14,7 @@ from shared.settings import Settings
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The bare app; takes settings only to match `api.app.create_app` (see bench.serve)."""
-    app = FastAPI(title="bench-bare")
+    app = FastAPI(title="bench-bare", telemetry=NO_OPENTELEMETRY)
 
     @app.post("/v2/{entity}/{project}/scores")
     async def score_create(entity: str, project: str, body: ScoreCreateBody) -> ScoreCreateRes:

@@ -12,6 +12,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from pydantic_core import to_json
 
+from api.app import NO_OPENTELEMETRY
 from api.schemas import ScoreCreateBody, ScoreCreateRes
 from shared.ids import new_score_id
 from shared.settings import Settings, get_settings
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await pool.close()
 
-    app = FastAPI(title="bench-naive", lifespan=lifespan)
+    app = FastAPI(title="bench-naive", lifespan=lifespan, telemetry=NO_OPENTELEMETRY)
 
     @app.post("/v2/{entity}/{project}/scores")
     async def score_create(
