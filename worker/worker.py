@@ -5,6 +5,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Awaitable
 from datetime import UTC, datetime
 
@@ -53,6 +54,7 @@ _Taken = tuple[AbstractIncomingMessage, list[ScoreMessage] | PoisonMessage]
 _PURGE_INTERVAL_SECONDS = 600
 _QUEUE_DEPTH_INTERVAL_SECONDS = 5
 _YIELD_EVERY_SCORES = 250
+_STORES_IN_FLIGHT = 2
 
 
 class ScoreWorker:
@@ -97,7 +99,7 @@ class ScoreWorker:
     async def run(self) -> None:
         """Consume and store until stopped."""
         chores: list[asyncio.Task[None]] = []
-        storing: asyncio.Task[None] | None = None
+        storing: deque[asyncio.Task[None]] = deque()
         try:
             await self._start()
             chores = [
@@ -107,20 +109,20 @@ class ScoreWorker:
             while not self._stopping:
                 batch = await self._collect_batch()
                 await self._fit_prefetch(batch)
-                # Collecting and decoding a batch overlaps with storing the one before, which
-                # PostgreSQL does on another core. Each batch is stored and acked only after
-                # the one before, so acks stay in delivery order.
-                if storing is not None:
-                    await storing
-                storing = asyncio.create_task(self._handle(batch))
-            if storing is not None:
-                await storing
+                # Up to _STORES_IN_FLIGHT batches are stored at once, in transactions of their
+                # own, while the next is collected and decoded: PostgreSQL works on other
+                # cores. Each batch is acked only after the one before, in delivery order.
+                previous = storing[-1] if storing else None
+                storing.append(asyncio.create_task(self._store_then_ack(batch, previous)))
+                while storing and (storing[0].done() or len(storing) >= _STORES_IN_FLIGHT):
+                    await storing.popleft()
+            while storing:
+                await storing.popleft()
             await self._stop_consuming()
-            await self._handle(self._drain_inbox())
+            await self._store_then_ack(self._drain_inbox(), None)
         finally:
-            for task in (*chores, storing):
-                if task is not None:
-                    task.cancel()
+            for task in (*chores, *storing):
+                task.cancel()
             await self._close()
 
     async def _is_ready(self) -> bool:
@@ -167,7 +169,10 @@ class ScoreWorker:
     async def _start(self) -> None:
         settings = self._settings
         # min_size=0: the worker starts, and keeps its messages, while PostgreSQL is down.
-        self._pool = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=2)
+        # A connection per batch being stored, and one for readiness checks and chores.
+        self._pool = await asyncpg.create_pool(
+            settings.database_url, min_size=0, max_size=_STORES_IN_FLIGHT + 1
+        )
         self._store = ScoreStore(self._pool)
         self._connection = await connect_until_ready(
             settings.amqp_url, "score-ingest-worker", settings.publish_timeout_seconds
@@ -266,7 +271,12 @@ class ScoreWorker:
                 drained.append(_decode(message))
         return drained
 
-    async def _handle(self, batch: list[_Taken]) -> None:
+    async def _store_then_ack(
+        self, batch: list[_Taken], previous: asyncio.Task[None] | None
+    ) -> None:
+        """Dead-letter the batch's poison, store the rest, and once the batch before is
+        acked, ack what was stored with one frame."""
+        stored: list[AbstractIncomingMessage] = []
         decoded: list[_Decoded] = []
         for message, scores in batch:
             if isinstance(scores, PoisonMessage):
@@ -274,9 +284,16 @@ class ScoreWorker:
             else:
                 decoded.append((message, scores))
         if decoded:
-            await self._persist(decoded)
+            stored = await self._persist(decoded)
+        if previous is not None:
+            await previous
+        await _ack_through(stored)
 
-    async def _persist(self, decoded: list[_Decoded]) -> None:
+    async def _persist(self, decoded: list[_Decoded]) -> list[AbstractIncomingMessage]:
+        """Store the scores in one transaction; returns the messages stored, to be acked.
+
+        Messages whose rows PostgreSQL itself refuses are dead-lettered (and acked) instead.
+        """
         assert self._store is not None
         delay = 0.1
         while True:
@@ -289,11 +306,9 @@ class ScoreWorker:
                 if len(decoded) == 1:
                     rejected = PoisonMessage(DeadLetterReason.STORAGE_REJECTED, str(exc))
                     await self._dead_letter(decoded[0][0], rejected)
-                    return
+                    return []
                 # Find the rows PostgreSQL refuses without holding back the others.
-                for item in decoded:
-                    await self._persist([item])
-                return
+                return [message for item in decoded for message in await self._persist([item])]
             except Exception as exc:  # any other failure is the database's, not the data's
                 log.warning(
                     "storing %d scores failed (%s); retrying in %.1fs", len(decoded), exc, delay
@@ -303,8 +318,7 @@ class ScoreWorker:
                 delay = min(delay * 2, self._settings.worker_retry_max_seconds)
                 continue
             self._observe(decoded, inserted, time.perf_counter() - started)
-            await _ack_through([message for message, _ in decoded])
-            return
+            return [message for message, _ in decoded]
 
     def _observe(self, decoded: list[_Decoded], inserted: int, seconds: float) -> None:
         received = sum(len(scores) for _, scores in decoded)

@@ -47,14 +47,15 @@ async def scores_table_locked(db: asyncpg.Connection) -> AsyncIterator[None]:
 
 
 async def wait_for_lock_waiters(db: asyncpg.Connection, expected: int) -> int:
-    """Poll how many backends wait on a lock in this database: workers stuck behind ours."""
+    """Poll how many backends wait on a lock in this database: workers stuck behind ours
+    (a worker may have more than one batch waiting)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 10
     while True:
         # Inside a transaction, pg_stat_activity is a snapshot taken at its first read.
         await db.execute("SELECT pg_stat_clear_snapshot()")
         count: int = await db.fetchval(COUNT_LOCK_WAITERS)
-        if count == expected or loop.time() > deadline:
+        if count >= expected or loop.time() > deadline:
             return count
         await asyncio.sleep(0.05)
 
@@ -132,7 +133,7 @@ async def test_broker_connection_lost_mid_batch_is_recovered_without_loss_or_dup
             async with scores_table_locked(db):
                 await broker.publish_scores(scores)
                 assert await broker.wait_for_ready_count(QUEUE, 0) == 0
-                assert await wait_for_lock_waiters(db, 1) == 1
+                assert await wait_for_lock_waiters(db, 1) >= 1
                 # The broker takes back everything the worker held; its acks can no longer land.
                 await proxy.cut()
                 assert await broker.wait_for_ready_count(QUEUE, 200) == 200
@@ -157,7 +158,7 @@ async def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
                 await broker.publish_scores(scores)
                 # The worker holds its prefetch window, and its INSERT waits on our lock.
                 assert await broker.wait_for_ready_count(QUEUE, 200) == 200
-                assert await wait_for_lock_waiters(db, 1) == 1
+                assert await wait_for_lock_waiters(db, 1) >= 1
                 assert await doomed.kill() == -signal.SIGKILL
             assert await broker.wait_for_ready_count(QUEUE, 300) == 300
         # Released: the dead worker's INSERT may still commit on the server; no matter.
@@ -176,7 +177,7 @@ async def test_sigterm_finishes_the_batch_in_hand_and_exits_cleanly(
         async with scores_table_locked(db):
             await broker.publish_scores(scores)
             assert await broker.wait_for_ready_count(QUEUE, 0) == 0
-            assert await wait_for_lock_waiters(db, 1) == 1
+            assert await wait_for_lock_waiters(db, 1) >= 1
             worker.send_signal(signal.SIGTERM)
             await worker.wait_for_output("stop requested")
             assert worker.returncode is None
@@ -199,7 +200,7 @@ async def test_sigterm_past_the_grace_period_returns_the_messages_to_the_queue(
         async with scores_table_locked(db), worker_process(short_grace) as worker:
             await broker.publish_scores(scores)
             assert await broker.wait_for_ready_count(QUEUE, 0) == 0
-            assert await wait_for_lock_waiters(db, 1) == 1
+            assert await wait_for_lock_waiters(db, 1) >= 1
             worker.send_signal(signal.SIGTERM)
             # PostgreSQL stays blocked, so the worker gives up the batch when the grace ends.
             assert await worker.wait(timeout=1 + 4) == 0
@@ -223,8 +224,8 @@ async def test_a_crash_loop_while_postgres_is_stuck_still_stores_each_score_once
             for crash in range(1, crashes + 1):
                 async with worker_process(settings) as worker:
                     assert await broker.wait_for_ready_count(QUEUE, 0) == 0
-                    # Each killed worker leaves its INSERT waiting on the server.
-                    assert await wait_for_lock_waiters(db, crash) == crash
+                    # Each killed worker leaves its INSERTs (one or two) waiting on the server.
+                    assert await wait_for_lock_waiters(db, crash) >= crash
                     assert await worker.kill() == -signal.SIGKILL
                 assert await broker.wait_for_ready_count(QUEUE, 150) == 150
         async with worker_process(settings) as survivor:
