@@ -90,6 +90,8 @@ class DrainResult:
     """A worker draining a backlog: how fast, whether it emptied, and its memory meanwhile.
 
     backlog, drained, per_s and rows count scores; messages is what the backlog was queued as.
+    per_s counts from the worker's spawn; steady_per_s from its first stored scores (the
+    targets use it: start-up, `startup_seconds`, is a fixed cost, not a rate).
     """
 
     kind: MessageKind
@@ -98,6 +100,8 @@ class DrainResult:
     drained: int
     seconds: float
     per_s: float
+    startup_seconds: float
+    steady_per_s: float
     rows: int
     rows_per_s: float
     queue_ready_after: int
@@ -173,6 +177,7 @@ async def measure_drain(
     worker = start_worker()
     samples: list[tuple[int, int]] = []
     drained = 0
+    first: tuple[float, int] | None = None  # when the first scores were seen stored, and how many
     side_task: asyncio.Task[object] | None = None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         while True:
@@ -190,6 +195,8 @@ async def measure_drain(
             if rss is None:
                 raise BenchError(f"the worker exited while draining:\n{worker.log_tail()}")
             samples.append((drained, rss))
+            if drained > 0 and first is None:
+                first = (time.monotonic(), drained)
             if drained >= drain_until:
                 break
             if drained > 0 and while_draining is not None and side_task is None:
@@ -197,7 +204,10 @@ async def measure_drain(
             await asyncio.sleep(_POLL_SECONDS)
     if side_task is not None:
         await side_task
-    seconds = time.monotonic() - worker.started_at
+    ended = time.monotonic()
+    seconds = ended - worker.started_at
+    assert first is not None
+    steady = (drained - first[1]) / (ended - first[0]) if ended > first[0] else 0.0
     peak = max(memory_kib(worker.pid, "VmHWM") or 0, *(rss for _, rss in samples))
     cpu = cpu_seconds(worker.pid) or 0.0
     used = window.finish()
@@ -211,6 +221,8 @@ async def measure_drain(
         drained=drained,
         seconds=round(seconds, 2),
         per_s=round(drained / seconds, 1),
+        startup_seconds=round(first[0] - worker.started_at, 2),
+        steady_per_s=round(steady, 1),
         rows=rows,
         rows_per_s=round(rows / commit_span, 1) if commit_span > 0 else 0.0,
         queue_ready_after=await queue_depth(amqp_url),

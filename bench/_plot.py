@@ -26,13 +26,14 @@ def plot(results: dict[str, Any], output: Path) -> None:
     """Write throughput (left) and latency (right) bar charts to output."""
     http, backlog = results["http"], results["backlog"]
     per_message = backlog["drain_batch_publish"]["scores_per_message"]
+    drain_single, drain_batch = (backlog[k]["steady_per_s"] for k in ("drain", "drain_batch"))
     throughput = {
         "bare\nreq/s": http["bare"]["requests_per_s"],
         "naive\nreq/s": http["naive"]["requests_per_s"],
         "score-ingest\nsingle req/s": http["single"]["requests_per_s"],
         "score-ingest\nbatch scores/s": http["batch"]["scores_per_s"],
-        "drain, single-\nscore messages\nscores/s": backlog["drain"]["per_s"],
-        f"drain, batch\nmessages of {per_message}\nscores/s": backlog["drain_batch"]["per_s"],
+        "drain, single-\nscore messages\nscores/s": drain_single,
+        f"drain, batch\nmessages of {per_message}\nscores/s": drain_batch,
     }
     visibility = results["visibility"]
     latency = {

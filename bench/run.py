@@ -464,7 +464,8 @@ async def _backlogs(run: _Run) -> None:
         )
         _say(
             f"drained {drained.drained:,} in {drained.seconds:.1f}s"
-            f" ({drained.per_s:,.0f} scores/s); worker peak RSS"
+            f" ({drained.per_s:,.0f} scores/s from spawn; {drained.steady_per_s:,.0f}/s after"
+            f" {drained.startup_seconds:.1f}s of start-up); worker peak RSS"
             f" {drained.worker_rss_peak_kib / 1024:.0f} MiB"
         )
         return drained.to_json()
@@ -534,7 +535,8 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
     http, visibility, backlog = results["http"], results["visibility"], results["backlog"]
     single, naive, bare = (http[k]["requests_per_s"] for k in ("single", "naive", "bare"))
     batch = http["batch"]["scores_per_s"]
-    drain_single, drain_batch = backlog["drain"]["per_s"], backlog["drain_batch"]["per_s"]
+    drain_single = backlog["drain"]["steady_per_s"]
+    drain_batch = backlog["drain_batch"]["steady_per_s"]
     non_2xx = (
         sum(http[k]["non_2xx"] + http[k]["socket_errors"] for k in http)
         + visibility["non_2xx"]
@@ -620,7 +622,8 @@ def _reported(results: dict[str, Any]) -> list[str]:
     backlog = results["backlog"]
     return [
         f"worker drain, {result['backlog']:,} scores as {result['messages']:,} {form}:"
-        f" {result['per_s']:,.0f} scores/s, worker peak RSS"
+        f" {result['steady_per_s']:,.0f} scores/s after {result['startup_seconds']:.1f}s of"
+        f" start-up ({result['per_s']:,.0f}/s from spawn), worker peak RSS"
         f" {result['worker_rss_peak_kib'] / 1024:.0f} MiB"
         for result, form in (
             (backlog["drain"], "single-score messages"),

@@ -55,6 +55,7 @@ _PURGE_INTERVAL_SECONDS = 600
 _QUEUE_DEPTH_INTERVAL_SECONDS = 5
 _YIELD_EVERY_SCORES = 250
 _STORES_IN_FLIGHT = 2
+_FIRST_PREFETCH = 64
 
 
 class ScoreWorker:
@@ -82,6 +83,7 @@ class ScoreWorker:
             settings.worker_health_host, settings.worker_health_port, self._is_ready
         )
         self._prefetch = settings.worker_prefetch
+        self._fitted = False
         self.persisted = 0
         self.duplicates = 0
 
@@ -178,8 +180,11 @@ class ScoreWorker:
             settings.amqp_url, "score-ingest-worker", settings.publish_timeout_seconds
         )
         channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=settings.worker_prefetch)
-        PREFETCH.set(settings.worker_prefetch)
+        # A small first window: until the first batch shows how big messages are, a full
+        # WORKER_PREFETCH of batch messages could be hundreds of megabytes.
+        self._prefetch = min(settings.worker_prefetch, _FIRST_PREFETCH)
+        await channel.set_qos(prefetch_count=self._prefetch)
+        PREFETCH.set(self._prefetch)
         topology = await declare_topology(channel, settings)
         self._dead_letter_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
@@ -201,6 +206,11 @@ class ScoreWorker:
             return []
         batch = [_decode(first)]
         scores = _count(batch[0])
+        if not self._fitted:
+            # The first message shows how big messages are: size the window now, not after
+            # a first batch taken through the small starting window.
+            self._fitted = True
+            await self._fit_prefetch(batch)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.worker_flush_interval_seconds
         # At most a quarter of the prefetch window in messages, so that the broker keeps

@@ -150,14 +150,15 @@ async def test_broker_connection_lost_mid_batch_is_recovered_without_loss_or_dup
 async def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
-    small_window = settings.model_copy(update={"worker_prefetch": 100, "worker_batch_size": 50})
+    # A window smaller than the worker's starting one, so that it never changes.
+    small_window = settings.model_copy(update={"worker_prefetch": 50, "worker_batch_size": 25})
     scores = _scores(300)
     async with connect_broker(settings) as broker:
         async with scores_table_locked(db):
             async with worker_process(small_window) as doomed:
                 await broker.publish_scores(scores)
                 # The worker holds its prefetch window, and its INSERT waits on our lock.
-                assert await broker.wait_for_ready_count(QUEUE, 200) == 200
+                assert await broker.wait_for_ready_count(QUEUE, 250) == 250
                 assert await wait_for_lock_waiters(db, 1) >= 1
                 assert await doomed.kill() == -signal.SIGKILL
             assert await broker.wait_for_ready_count(QUEUE, 300) == 300

@@ -129,7 +129,8 @@ async def test_large_messages_shrink_the_window_and_the_broker_holds_back_the_ba
     everything = first_scores + [score for scores, _ in backlog for score in scores]
 
     async with connect_broker(settings) as broker, running_worker(settings) as worker:
-        assert await prefetch_gauge(worker) == settings.worker_prefetch
+        # Until the first message shows their size, the window starts small.
+        assert 2 <= await prefetch_gauge(worker) <= 100
 
         # The first large message makes the worker fit its window: 1 MiB / 400 kB, at least 2.
         await broker.publish([first])
