@@ -1,8 +1,8 @@
 """Prometheus metrics of the API, and the middleware that counts requests and tags logs."""
 
+import os
 import re
 import time
-import uuid
 from functools import lru_cache
 
 from prometheus_client import Counter, Histogram
@@ -58,7 +58,7 @@ class RequestContextMiddleware:
             ),
             "",
         )
-        current = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        current = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         token = request_id.set(current)
         started = time.perf_counter()
         status = 500
