@@ -1,6 +1,7 @@
 """The `score-ingest` command: run the api and the worker, migrate, declare, manage keys."""
 
 import asyncio
+import ctypes
 import json
 import math
 import signal
@@ -35,6 +36,9 @@ app.add_typer(dlq.app, name="dlq")
 def _setup() -> None:
     settings = get_settings()
     configure_logging(settings.log_level, settings.log_format)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 @app.command()
@@ -92,6 +96,12 @@ def schema(
     typer.echo(json.dumps(message_json_schema(message_type), indent=2))
 
 
+def _die_with_parent() -> None:
+    """In a child of `run`: get SIGTERM when `run` dies, even of SIGKILL (Linux only)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @app.command()
 def run() -> None:
     """Migrate, declare the topology, then run the api and a worker until interrupted."""
@@ -99,7 +109,11 @@ def run() -> None:
     topology()
     # Own sessions: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
     children = [
-        subprocess.Popen([sys.executable, "-m", "cli", role], start_new_session=True)  # noqa: S603
+        subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "cli", role],
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         for role in ("api", "worker")
     ]
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import httpx
@@ -110,3 +111,28 @@ async def test_run_serves_stores_and_stops_cleanly(
     process.send_signal(signal.SIGINT)
     output = process.communicate(timeout=30)[0]
     assert process.returncode == 0, output
+
+
+def test_run_takes_its_api_and_worker_down_when_it_is_killed(
+    running_service: tuple[subprocess.Popen[str], int],
+) -> None:
+    process, _ = running_service
+    children_file = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    children = [int(pid) for pid in children_file.read_text().split()]
+    assert len(children) == 2, children
+
+    process.kill()  # SIGKILL: `run` gets no chance to pass anything on
+    process.wait()
+
+    deadline = time.monotonic() + 15
+    while (alive := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive, f"left running: {alive}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
