@@ -56,6 +56,7 @@ _QUEUE_DEPTH_INTERVAL_SECONDS = 5
 _YIELD_EVERY_SCORES = 250
 _STORES_IN_FLIGHT = 2
 _FIRST_PREFETCH = 64
+_CLOSE_SECONDS = 2
 
 
 class ScoreWorker:
@@ -380,9 +381,10 @@ class ScoreWorker:
     async def _stop_consuming(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:
             try:
-                await self._queue.cancel(self._consumer_tag)
-            except CONNECTION_EXCEPTIONS as exc:
-                log.warning("could not cancel the consumer cleanly: %s", exc)
+                # Bounded: a robust channel that is reconnecting would wait for the broker.
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), _CLOSE_SECONDS)
+            except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
+                log.warning("could not cancel the consumer cleanly: %r", exc)
         # Deliveries that arrived before the cancel-ok reach the inbox in tasks of their
         # own; let them land before the inbox is drained, or they stay unacked.
         for _ in range(3):
@@ -390,12 +392,17 @@ class ScoreWorker:
 
     async def _close(self) -> None:
         await self._health.close()
+        # Each step is bounded: with the broker gone, the robust connection would wait for it
+        # and the worker would never exit.
         if self._queue is not None:
             # A round trip on the consuming channel after the last acks, before it closes.
-            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
-                await self._queue.channel.set_qos(prefetch_count=self._prefetch)
+            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
+                await asyncio.wait_for(
+                    self._queue.channel.set_qos(prefetch_count=self._prefetch), _CLOSE_SECONDS
+                )
         if self._connection is not None:
-            await self._connection.close()
+            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
+                await asyncio.wait_for(self._connection.close(), _CLOSE_SECONDS)
         if self._pool is not None:
             await self._pool.close()
         log.info("worker stopped: %d persisted, %d duplicates", self.persisted, self.duplicates)

@@ -234,3 +234,15 @@ async def test_a_crash_loop_while_postgres_is_stuck_still_stores_each_score_once
             await _stop_when_idle(survivor)
         await _assert_nothing_left(broker)
     await _assert_stored_exactly_once(db, scores)
+
+
+async def test_a_worker_told_to_stop_while_the_broker_is_unreachable_still_exits(
+    settings: Settings,
+) -> None:
+    # running_worker fails the test if the worker takes over 15 s to stop; the outer bound
+    # turns a worker that never stops into a failure too, not a hang.
+    async with asyncio.timeout(30), TcpProxy.for_url(settings.amqp_url) as proxy:
+        proxied = settings.model_copy(update={"amqp_url": proxy.url_through(settings.amqp_url)})
+        async with running_worker(proxied):
+            await proxy.cut()  # and never restored: the robust connection keeps retrying
+            await asyncio.sleep(0.5)
