@@ -7,9 +7,11 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import aio_pika
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from pydantic_core import to_json
 
 from api.errors import BrokerUnavailable
 from api.metrics import PUBLISH_CONFIRM_SECONDS, PUBLISH_FAILURES, SCORES_ACCEPTED
@@ -19,8 +21,6 @@ from shared.contract import (
     CONTENT_TYPE,
     MAX_BATCH_SCORES,
     MESSAGE_TYPE,
-    ScoreBatchMessage,
-    ScoreMessage,
 )
 from shared.ids import new_score_id
 from shared.settings import Settings
@@ -32,6 +32,9 @@ APP_ID = "score-ingest"
 SCORE_PROPERTIES = MessageProperties(CONTENT_TYPE, MESSAGE_TYPE, APP_ID)
 BATCH_PROPERTIES = MessageProperties(CONTENT_TYPE, BATCH_MESSAGE_TYPE, APP_ID)
 _MAX_BACKOFF_SECONDS = 5.0
+
+# The fields of a ScoreMessage, as the api builds them (see api.service.score_message).
+MessageFields = dict[str, Any]
 
 
 class ScorePublisher:
@@ -46,7 +49,7 @@ class ScorePublisher:
         self._connection: ConfirmingPublisher | None = None
         self._connected = asyncio.Event()
         self._keeping: asyncio.Task[None] | None = None
-        self._gathered: list[tuple[ScoreMessage, asyncio.Future[None]]] = []
+        self._gathered: list[tuple[MessageFields, asyncio.Future[None]]] = []
 
     def start(self) -> None:
         """Begin connecting in the background; until connected, publishes answer 503."""
@@ -101,7 +104,7 @@ class ScorePublisher:
             publish_timeout=settings.publish_timeout_seconds,
         )
 
-    async def publish_scores(self, messages: Sequence[ScoreMessage]) -> None:
+    async def publish_scores(self, messages: Sequence[MessageFields]) -> None:
         """Publish scores and wait for the broker's confirm; raises BrokerUnavailable.
 
         A batch request's scores go as one `score.batch.v1` message, so the broker accepts
@@ -130,12 +133,12 @@ class ScorePublisher:
         if gathered:
             self._publish([score for score, _ in gathered], [outcome for _, outcome in gathered])
 
-    def _publish(self, scores: list[ScoreMessage], outcomes: list[asyncio.Future[None]]) -> None:
+    def _publish(self, scores: list[MessageFields], outcomes: list[asyncio.Future[None]]) -> None:
         if len(scores) == 1:
-            body = scores[0].model_dump_json().encode()
-            properties, message_id = SCORE_PROPERTIES, str(scores[0].score_id)
+            body = to_json(scores[0])
+            properties, message_id = SCORE_PROPERTIES, str(scores[0]["score_id"])
         else:
-            body = ScoreBatchMessage.model_construct(scores=scores).model_dump_json().encode()
+            body = to_json({"scores": scores})
             properties, message_id = BATCH_PROPERTIES, str(new_score_id())
         started = time.perf_counter()
         try:

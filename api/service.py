@@ -9,26 +9,29 @@ from uuid import UUID
 from api import repository
 from api.deps import ProjectScope
 from api.errors import IdempotencyKeyReused, NotFound, database_unavailable_as_503
+from api.publisher import MessageFields
 from api.schemas import ScoreCreateBody
-from shared.contract import ScoreMessage
 from shared.ids import new_score_id
 
 
-def score_message(scope: ProjectScope, body: ScoreCreateBody) -> ScoreMessage:
-    """The message for one score, stamped with a new id, the time and the key that sent it."""
+def score_message(
+    scope: ProjectScope, body: ScoreCreateBody, score_id: UUID, created_at: datetime
+) -> MessageFields:
+    """The fields of a score's message (ScoreMessage), with its id, time and the key's id."""
     # The body and path were validated with the contract's own field types, so the message
-    # is built without validating the same values a second time.
-    return ScoreMessage.model_construct(
-        score_id=new_score_id(),
-        entity=scope.entity,
-        project=scope.project,
-        prediction_id=body.prediction_id,
-        scorer=body.scorer,
-        value=body.value,
-        evaluation_run_id=body.evaluation_run_id,
-        created_at=datetime.now(UTC),
-        created_by=scope.principal.key_id,
-    )
+    # is built as plain fields, without a model to validate or construct (the tests check
+    # that what the api publishes is a valid ScoreMessage).
+    return {
+        "score_id": score_id,
+        "entity": scope.entity,
+        "project": scope.project,
+        "prediction_id": body.prediction_id,
+        "scorer": body.scorer,
+        "value": body.value,
+        "evaluation_run_id": body.evaluation_run_id,
+        "created_at": created_at,
+        "created_by": scope.principal.key_id,
+    }
 
 
 def _request_hash(kind: str, bodies: Sequence[ScoreCreateBody]) -> bytes:
@@ -53,7 +56,7 @@ async def create_scores(
     With an Idempotency-Key, the ids are those recorded at the key's first use, so a retry
     republishes the same scores (which the worker stores once) instead of new ones.
     """
-    messages = [score_message(scope, body) for body in bodies]
+    score_ids = [new_score_id() for _ in bodies]
     if idempotency_key is not None:
         request_hash = _request_hash(kind, bodies)
         with database_unavailable_as_503():
@@ -63,19 +66,21 @@ async def create_scores(
                 scope.project,
                 idempotency_key,
                 request_hash,
-                [message.score_id for message in messages],
+                score_ids,
                 idempotency_ttl_seconds,
             )
         if stored_hash != request_hash:
             raise IdempotencyKeyReused(
                 "this Idempotency-Key was already used with a different request body"
             )
-        messages = [
-            message.model_copy(update={"score_id": score_id})
-            for message, score_id in zip(messages, score_ids, strict=True)
+    created_at = datetime.now(UTC)
+    await scope.services.publisher.publish_scores(
+        [
+            score_message(scope, body, score_id, created_at)
+            for body, score_id in zip(bodies, score_ids, strict=True)
         ]
-    await scope.services.publisher.publish_scores(messages)
-    return [message.score_id for message in messages]
+    )
+    return score_ids
 
 
 async def read_score(scope: ProjectScope, score_id: UUID) -> bytes:
