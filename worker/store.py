@@ -31,24 +31,18 @@ class ScoreStore:
 
     async def persist_batch(self, scores: Sequence[ScoreMessage]) -> int:
         """Insert scores in one transaction; returns how many were stored (new, not deleted)."""
-        columns: tuple[list[object], ...] = tuple([] for _ in range(9))
-        for score in scores:
-            for column, value in zip(
-                columns,
-                (
-                    score.score_id,
-                    score.entity,
-                    score.project,
-                    score.prediction_id,
-                    score.scorer,
-                    to_json(score.value).decode(),
-                    score.evaluation_run_id,
-                    score.created_at,
-                    score.created_by,
-                ),
-                strict=True,
-            ):
-                column.append(value)
+        # One list per column, in the order of sql.INSERT_SCORES's parameters.
+        columns = (
+            [score.score_id for score in scores],
+            [score.entity for score in scores],
+            [score.project for score in scores],
+            [score.prediction_id for score in scores],
+            [score.scorer for score in scores],
+            [to_json(score.value).decode() for score in scores],
+            [score.evaluation_run_id for score in scores],
+            [score.created_at for score in scores],
+            [score.created_by for score in scores],
+        )
         try:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(sql.LOCK_PROJECTS_SHARED, columns[1], columns[2])
