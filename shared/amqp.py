@@ -123,7 +123,9 @@ class ConfirmingPublisher(asyncio.Protocol):
         self._buffer = bytearray()
         self._outgoing: list[bytes] = []
         self._flush_scheduled = False
-        self._waiter: asyncio.Future[Frame] | None = None
+        # Handshake replies, kept until asked for: the broker's connection.start can arrive
+        # before the handshake starts waiting for it.
+        self._replies: asyncio.Queue[Frame | PublishFailed] = asyncio.Queue()
         self._open = False
         self._blocked = False
         self._frame_max = 131_072
@@ -206,11 +208,9 @@ class ConfirmingPublisher(asyncio.Protocol):
             self._every(heartbeat / 2, self._beat, heartbeat)
 
     async def _expect(self, kind: type[Frame]) -> Frame:
-        self._waiter = self._loop.create_future()
-        try:
-            received = await self._waiter
-        finally:
-            self._waiter = None
+        received = await self._replies.get()
+        if isinstance(received, PublishFailed):
+            raise received
         if not isinstance(received, kind):
             raise PublishFailed("closed", f"expected {kind.__name__}, got {received.name}")
         return received
@@ -354,8 +354,8 @@ class ConfirmingPublisher(asyncio.Protocol):
         elif isinstance(method, commands.Channel.Close):
             self._write_quietly(commands.Channel.CloseOk(), _CHANNEL)
             self._lose(f"the broker closed the channel: {method.reply_text}")
-        elif self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(method)
+        elif not self._open:
+            self._replies.put_nowait(method)
 
     def _mark_returned(self, message_id: str, route: tuple[str, str]) -> None:
         # The broker handles a channel's publishes in order and returns an unroutable one
@@ -438,8 +438,7 @@ class ConfirmingPublisher(asyncio.Protocol):
         self._fail_all(PublishFailed("unavailable", f"lost the message broker: {detail}"))
         self._pending.clear()
         self._returned.clear()
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(PublishFailed("closed", detail))
+        self._replies.put_nowait(PublishFailed("closed", detail))
         for timer in self._timers.values():
             timer.cancel()
         if self._transport is not None:
