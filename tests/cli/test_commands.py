@@ -98,9 +98,17 @@ async def test_run_serves_stores_and_stops_cleanly(
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
         deadline = time.monotonic() + 15
         while True:  # the api answers before its publisher has connected: wait for a 200
-            response = await client.post(
-                f"/v2/{ENTITY}/{PROJECT}/scores", json=score_body(), headers=basic_auth(api_key)
-            )
+            try:
+                response = await client.post(
+                    f"/v2/{ENTITY}/{PROJECT}/scores",
+                    json=score_body(),
+                    headers=basic_auth(api_key),
+                )
+            except httpx.TimeoutException:
+                process.send_signal(signal.SIGINT)
+                pytest.fail(
+                    f"no answer in 5 s; `run` printed:\n{process.communicate(timeout=30)[0]}"
+                )
             if response.status_code != 503 or time.monotonic() > deadline:
                 break
     assert response.status_code == 200, response.text

@@ -660,34 +660,29 @@ def with_wrong_password(url: str) -> str:
     return parts._replace(netloc=f"guest:wrong-password@{parts.hostname}:{parts.port}").geturl()
 
 
-async def test_bad_credentials_fail_to_connect_at_once_and_say_so(amqp_url: str) -> None:
-    url = with_wrong_password(amqp_url)
+def with_unknown_vhost(amqp_url: str) -> str:
+    return urlsplit(amqp_url)._replace(path="/" + unique("vhost")).geturl()
+
+
+@pytest.mark.parametrize(
+    ("spoil", "refusal"),
+    [(with_wrong_password, "ACCESS_REFUSED"), (with_unknown_vhost, "NOT_ALLOWED")],
+    ids=["wrong-password", "unknown-vhost"],
+)
+async def test_a_refused_login_fails_to_connect_at_once_and_says_why(
+    amqp_url: str, spoil: Callable[[str], str], refusal: str
+) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
-    with pytest.raises(PublishFailed, match="ACCESS_REFUSED") as failed:
+    with pytest.raises(PublishFailed, match=refusal) as failed:
         await asyncio.wait_for(
             ConfirmingPublisher.connect(
-                url, connection_name="t", connect_timeout=8, publish_timeout=1
+                spoil(amqp_url), connection_name="t", connect_timeout=8, publish_timeout=1
             ),
             10,
         )
     # With the `authentication_failure_close` capability, RabbitMQ says why at once instead
     # of dropping the socket after about 3 s.
-    assert failed.value.reason == "closed"
-    assert loop.time() - started < 2
-
-
-async def test_an_unknown_vhost_fails_to_connect_at_once(amqp_url: str) -> None:
-    url = urlsplit(amqp_url)._replace(path="/" + unique("vhost")).geturl()
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    with pytest.raises(PublishFailed, match="NOT_ALLOWED") as failed:
-        await asyncio.wait_for(
-            ConfirmingPublisher.connect(
-                url, connection_name="t", connect_timeout=8, publish_timeout=1
-            ),
-            10,
-        )
     assert failed.value.reason == "closed"
     assert loop.time() - started < 2
 

@@ -1,6 +1,12 @@
 """Score messages in their AMQP form, as the README's contract asks of a direct publisher."""
 
+import json
+from collections.abc import Sequence
+from typing import Any
+from uuid import UUID
+
 import aio_pika
+import asyncpg
 
 from shared.contract import CONTENT_TYPE, MESSAGE_TYPE, ScoreMessage
 
@@ -16,3 +22,22 @@ def to_amqp_message(message: ScoreMessage) -> aio_pika.Message:
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         app_id="score-ingest",
     )
+
+
+async def assert_stored_as_sent(
+    db: asyncpg.Connection, scores: Sequence[ScoreMessage]
+) -> dict[UUID, Any]:
+    """The scores table holds exactly these scores, each column as sent; returns the rows."""
+    rows = {row["score_id"]: row for row in await db.fetch("SELECT * FROM scores")}
+    assert set(rows) == {score.score_id for score in scores}
+    for score in scores:
+        row = rows[score.score_id]
+        assert row["entity"] == score.entity
+        assert row["project"] == score.project
+        assert row["prediction_id"] == score.prediction_id
+        assert row["scorer"] == score.scorer
+        assert json.loads(row["value"]) == score.value
+        assert row["evaluation_run_id"] == score.evaluation_run_id
+        assert row["created_at"] == score.created_at
+        assert row["created_by"] == score.created_by
+    return rows

@@ -20,7 +20,7 @@ from shared.dead_letters import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, Dead
 from shared.settings import Settings
 from shared.topology import QUEUE
 from tests.conftest import wait_for_count
-from tests.support.messages import to_amqp_message
+from tests.support.messages import assert_stored_as_sent, to_amqp_message
 from tests.support.processes import connect_broker, running_worker, score_message, wait_until
 
 COUNT_SCORES = "SELECT count(*) FROM scores"
@@ -111,18 +111,7 @@ async def test_a_batch_message_of_n_scores_becomes_n_rows_with_every_column(
         await broker.assert_stays_empty(QUEUE)
         assert await broker.take_dead_letters(1, timeout=0.2) == []
 
-    rows = {row["score_id"]: row for row in await db.fetch("SELECT * FROM scores")}
-    assert set(rows) == ids(scores)
-    for score in scores:
-        row = rows[score.score_id]
-        assert row["entity"] == score.entity
-        assert row["project"] == score.project
-        assert row["prediction_id"] == score.prediction_id
-        assert row["scorer"] == score.scorer
-        assert json.loads(row["value"]) == score.value
-        assert row["evaluation_run_id"] == score.evaluation_run_id
-        assert row["created_at"] == score.created_at
-        assert row["created_by"] == score.created_by
+    await assert_stored_as_sent(db, scores)
     assert await transactions(db, scores) == 1, "a batch message is stored in one transaction"
 
 

@@ -9,7 +9,7 @@ import asyncpg
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE
 from tests.conftest import wait_for_count
-from tests.support.messages import to_amqp_message
+from tests.support.messages import assert_stored_as_sent, to_amqp_message
 from tests.support.processes import (
     connect_broker,
     running_worker,
@@ -40,18 +40,9 @@ async def test_a_published_score_becomes_a_row_with_every_column(
         await broker.publish_scores(scores)
         assert await wait_for_count(db, COUNT_SCORES, len(scores)) == len(scores)
 
-    rows = {row["score_id"]: row for row in await db.fetch("SELECT * FROM scores")}
-    assert set(rows) == {score.score_id for score in scores}
+    rows = await assert_stored_as_sent(db, scores)
     for score in scores:
         row = rows[score.score_id]
-        assert row["entity"] == score.entity
-        assert row["project"] == score.project
-        assert row["prediction_id"] == score.prediction_id
-        assert row["scorer"] == score.scorer
-        assert json.loads(row["value"]) == score.value
-        assert row["evaluation_run_id"] == score.evaluation_run_id
-        assert row["created_at"] == score.created_at
-        assert row["created_by"] == score.created_by
         assert row["persisted_at"] >= score.created_at
 
 
