@@ -24,7 +24,7 @@ import aio_pika
 import pytest
 import uvloop
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
-from pamqp import frame
+from pamqp import commands, frame
 from pamqp.header import ContentHeader
 
 from shared.amqp import ConfirmingPublisher, MessageProperties, PublishFailed, encode_header
@@ -915,3 +915,15 @@ async def test_publishes_sharing_a_message_id_each_get_their_own_outcome(
         f"{reasons[2 * wrong[0] : 2 * wrong[0] + 2]}"
     )
     assert await broker.count(queue) == 300
+
+
+async def test_a_connection_start_sent_before_the_client_asks_is_not_lost() -> None:
+    """The broker's connection.start can be read before the handshake waits for it (it
+    was, now and then, under load, and the first connect then hung until its timeout)."""
+    publisher = ConfirmingPublisher(publish_timeout=1, heartbeat=0)
+    start = commands.Connection.Start(mechanisms="PLAIN", locales="en_US")
+    publisher.data_received(frame.marshal(start, 0))  # read before anyone waits for it
+
+    received = await asyncio.wait_for(publisher._expect(commands.Connection.Start), 2)
+
+    assert isinstance(received, commands.Connection.Start)
