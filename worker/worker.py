@@ -119,9 +119,11 @@ class ScoreWorker:
                 storing.append(asyncio.create_task(self._store_then_ack(batch, previous)))
                 while storing and (storing[0].done() or len(storing) >= _STORES_IN_FLIGHT):
                     await storing.popleft()
+            # Cancel first: acks of the batches still being stored free room in the prefetch
+            # window, and the broker would fill it again for a consumer about to go.
+            await self._stop_consuming()
             while storing:
                 await storing.popleft()
-            await self._stop_consuming()
             await self._store_then_ack(self._drain_inbox(), None)
         finally:
             for task in (*chores, *storing):

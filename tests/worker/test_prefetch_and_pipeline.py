@@ -270,15 +270,17 @@ async def test_a_worker_stopped_mid_drain_stores_what_it_acked_and_returns_nothi
         await broker.assert_stays_empty(QUEUE)
     assert await stored_ids(db) == ids(scores)
 
-    # Nothing the broker sent the first worker was left unacked at its stop: such a message
-    # comes back redelivered (and with x-delivery-count, which counts towards the queue's
-    # x-delivery-limit), not stored, so the checks above cannot tell it from an unsent one.
+    # Almost nothing the broker sent the first worker was left unacked at its stop: such a
+    # message comes back redelivered (and with x-delivery-count, which counts towards the
+    # queue's x-delivery-limit), not stored, so the checks above cannot tell it from an
+    # unsent one. Deliveries that race the consumer's cancel can still come back, at most
+    # a batch of them (README, "The worker and dead letters"); a window's worth must not.
     returned = sorted(
         int(json.loads(message.body)["prediction_id"].removeprefix("stop-"))
         for message in left
         if message.redelivered
     )
-    assert not returned, (
+    assert len(returned) <= settings.worker_batch_size, (
         f"{len(returned)} messages sent to the stopped worker came back unacked (publishing "
         f"positions {returned[:3]}..{returned[-3:]}; the worker stored {stored_by_first})"
     )
