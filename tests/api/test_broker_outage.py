@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from api.app import create_app
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, client_for, score_body, wait_for_count
-from tests.support.processes import api_process, running_worker
+from tests.support.processes import api_process, running_worker, wait_until
 from tests.support.tcp_proxy import TcpProxy
 
 SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
@@ -48,12 +48,19 @@ class ScoreClient:
         self._client = client
         self._headers = basic_auth(key)
         self.answers: list[Answer] = []
+        self.in_flight = 0
 
     async def post(self) -> Answer:
         """POST one valid score."""
         loop = asyncio.get_running_loop()
         sent = loop.time()
-        response = await self._client.post(SCORES_PATH, json=score_body(), headers=self._headers)
+        self.in_flight += 1
+        try:
+            response = await self._client.post(
+                SCORES_PATH, json=score_body(), headers=self._headers
+            )
+        finally:
+            self.in_flight -= 1
         answer = Answer(sent, loop.time(), response)
         self.answers.append(answer)
         return answer
@@ -168,6 +175,9 @@ async def test_posts_in_flight_when_the_broker_drops_get_200_only_if_stored(
         posters = [asyncio.create_task(keep_posting()) for _ in range(20)]
         try:
             await _wait_for_answers(scores, 200, 100)
+            # Posts that share a message are answered together and pause together: cut
+            # while some are waiting for their confirm.
+            await wait_until(lambda: scores.in_flight > 0, "a post in flight")
             cut_at = loop.time()
             await proxy.cut()
             cut_done = loop.time()
