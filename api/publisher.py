@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
-import aio_pika
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pydantic_core import to_json
 
@@ -24,7 +23,7 @@ from shared.contract import (
 )
 from shared.ids import new_score_id
 from shared.settings import Settings
-from shared.topology import EXCHANGE, ROUTING_KEY, declare_topology
+from shared.topology import EXCHANGE, ROUTING_KEY, declare_topology_once
 
 log = logging.getLogger(__name__)
 
@@ -92,11 +91,7 @@ class ScorePublisher:
         settings = self._settings
         # The topology is declared on each (re)connect, through a short aio-pika connection:
         # declaring is rare, and it keeps one definition of the topology for every process.
-        declaring = await aio_pika.connect(
-            settings.amqp_url, timeout=settings.publish_timeout_seconds
-        )
-        async with declaring:
-            await declare_topology(await declaring.channel(), settings)
+        await declare_topology_once(settings, settings.publish_timeout_seconds)
         return await ConfirmingPublisher.connect(
             settings.amqp_url,
             connection_name="score-ingest-api",

@@ -10,7 +10,6 @@ import sys
 import time
 from typing import Annotated
 
-import aio_pika
 import typer
 import uvicorn
 import uvloop
@@ -21,7 +20,7 @@ from shared.contract import BATCH_MESSAGE_TYPE, MESSAGE_TYPE, message_json_schem
 from shared.db import migrate as apply_migrations
 from shared.logs import configure_logging
 from shared.settings import get_settings
-from shared.topology import declare_topology
+from shared.topology import declare_topology_once
 from worker.worker import run_worker
 
 app = typer.Typer(
@@ -71,17 +70,10 @@ def migrate() -> None:
     typer.echo(f"applied migrations: {applied}" if applied else "schema is up to date")
 
 
-async def _declare() -> None:
-    settings = get_settings()
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
-    async with connection:
-        await declare_topology(await connection.channel(), settings)
-
-
 @app.command()
 def topology() -> None:
     """Declare the exchanges, queues and bindings (idempotent)."""
-    asyncio.run(_declare())
+    asyncio.run(declare_topology_once(get_settings(), connect_timeout=10))
     typer.echo("topology declared")
 
 

@@ -45,6 +45,13 @@ class Topology:
     dead_letter_queue: AbstractQueue
 
 
+async def declare_topology_once(settings: Settings, connect_timeout: float) -> None:
+    """Declare the topology through a connection of its own, closed afterwards."""
+    connection = await aio_pika.connect(settings.amqp_url, timeout=connect_timeout)
+    async with connection:
+        await declare_topology(await connection.channel(), settings)
+
+
 async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
     """Declare exchanges, queues and bindings; safe to run any number of times."""
     exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
