@@ -15,6 +15,7 @@ from pydantic_core import to_json
 from api.errors import BrokerUnavailable
 from api.metrics import PUBLISH_CONFIRM_SECONDS, PUBLISH_FAILURES, SCORES_ACCEPTED
 from shared.amqp import ConfirmingPublisher, MessageProperties, PublishFailed
+from shared.broker import MAX_BACKOFF_SECONDS, retry_until_connected
 from shared.contract import (
     BATCH_MESSAGE_TYPE,
     CONTENT_TYPE,
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 APP_ID = "score-ingest"
 SCORE_PROPERTIES = MessageProperties(CONTENT_TYPE, MESSAGE_TYPE, APP_ID)
 BATCH_PROPERTIES = MessageProperties(CONTENT_TYPE, BATCH_MESSAGE_TYPE, APP_ID)
-_MAX_BACKOFF_SECONDS = 5.0
+# What a connect attempt raises while the broker is down or still starting.
+_UNREACHABLE = (OSError, TimeoutError, PublishFailed, *CONNECTION_EXCEPTIONS)
 
 # The fields of a ScoreMessage, as the api builds them (see api.service.score_message).
 MessageFields = dict[str, Any]
@@ -65,21 +67,14 @@ class ScorePublisher:
         return connection is not None and connection.is_open and not connection.blocked
 
     async def _keep_connected(self) -> None:
-        delay = 0.1
         while True:
             try:
-                connection = await self._connect()
-            except (OSError, TimeoutError, PublishFailed, *CONNECTION_EXCEPTIONS) as exc:
-                log.warning("broker not reachable (%s); retrying in %.1fs", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_BACKOFF_SECONDS)
-                continue
+                connection = await retry_until_connected(self._connect, _UNREACHABLE)
             except Exception:
                 # Typically PRECONDITION_FAILED: scores.persist exists with other arguments.
                 log.exception("publisher cannot set up the broker topology")
-                await asyncio.sleep(_MAX_BACKOFF_SECONDS)
+                await asyncio.sleep(MAX_BACKOFF_SECONDS)
                 continue
-            delay = 0.1
             self._connection = connection
             self._connected.set()
             log.info("publisher connected to broker")
