@@ -298,31 +298,28 @@ class ConfirmingPublisher(asyncio.Protocol):
         buffer += data
         start = 0
         while len(buffer) - start >= _FRAME_OVERHEAD:
-            kind, channel, size = struct.unpack_from(">BHI", buffer, start)
+            kind, _, size = struct.unpack_from(">BHI", buffer, start)
             end = start + 7 + size + 1
             if len(buffer) < end:
                 break
-            payload = bytes(buffer[start + 7 : end - 1])
+            raw = bytes(buffer[start:end])
             start = end
             try:
-                self._receive(kind, channel, payload)
+                self._receive(kind, raw)
             except (UnmarshalingException, ValueError, struct.error) as exc:
                 self._lose(f"could not read a frame from the broker: {exc}")
                 return
         del buffer[:start]
 
-    def _receive(self, kind: int, channel: int, payload: bytes) -> None:
+    def _receive(self, kind: int, raw: bytes) -> None:
+        """Act on one whole frame, as read (header, payload, frame end)."""
         if kind == _FRAME_METHOD:
-            _, _, method = frame.unmarshal(
-                struct.pack(">BHI", kind, channel, len(payload)) + payload + _FRAME_END
-            )
+            _, _, method = frame.unmarshal(raw)
             assert isinstance(method, Frame)
             self._on_method(method)
         elif kind == _FRAME_HEADER and self._returning is not None:
             # The header of a returned message: its id tells which publish came back.
-            _, _, header = frame.unmarshal(
-                struct.pack(">BHI", kind, channel, len(payload)) + payload + _FRAME_END
-            )
+            _, _, header = frame.unmarshal(raw)
             assert isinstance(header, ContentHeader)
             self._mark_returned(header.properties.message_id or "", self._returning)
             self._returning = None
