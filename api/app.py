@@ -9,6 +9,7 @@ from fastapi.telemetry import TelemetryConfig
 
 from api.deps import Services
 from api.errors import install_error_handlers
+from api.fast_path import ScoreCreateFastPath
 from api.keys import KeyVerifier
 from api.limits import BodySizeLimitMiddleware
 from api.metrics import RequestContextMiddleware
@@ -56,6 +57,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         telemetry=NO_OPENTELEMETRY,
     )
+    # Innermost first: the fast path sees requests already limited, counted and tagged.
+    if settings.api_fast_path:
+        app.add_middleware(ScoreCreateFastPath)
     app.add_middleware(
         BodySizeLimitMiddleware,
         max_bytes=settings.max_body_bytes,

@@ -81,13 +81,19 @@ async def authorize_project(
 ) -> ProjectScope:
     """Authenticate the API key (HTTP Basic password or Bearer token) and check that it is
     scoped to the URL's entity and project."""
-    services: Services = request.app.state.services
     if basic is not None:
-        principal = await services.verifier.verify(basic.password)
+        key = basic.password
     elif bearer is not None:
-        principal = await services.verifier.verify(bearer.credentials)
+        key = bearer.credentials
     else:
         raise InvalidCredentials("missing API key: use HTTP Basic (password) or Bearer")
+    return await project_scope(request.app.state.services, entity, project, key)
+
+
+async def project_scope(services: Services, entity: str, project: str, key: str) -> ProjectScope:
+    """The scope of a valid key on entity/project; raises InvalidCredentials, Forbidden or
+    AuthBackendUnavailable."""
+    principal = await services.verifier.verify(key)
     if not principal.may_access(entity, project):
         raise Forbidden(f"this API key is not scoped to {entity}/{project}")
     return ProjectScope(entity, project, principal, services)

@@ -111,15 +111,20 @@ def _message(error: Any) -> str:
     return f"{error['msg']}: {reason}" if reason else str(error["msg"])
 
 
+def error_response(exc: ApiError, retry_after_seconds: int) -> Response:
+    """The response to an ApiError; 503s carry Retry-After."""
+    headers = exc.headers()
+    if isinstance(exc, ServiceUnavailable):
+        headers["Retry-After"] = str(retry_after_seconds)
+    return _json(exc.content(), exc.status_code, headers)
+
+
 def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
-    """Map ApiError subclasses and validation errors to JSON; 503s carry Retry-After."""
+    """Map ApiError subclasses and validation errors to JSON responses."""
 
     async def api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)
-        headers = exc.headers()
-        if isinstance(exc, ServiceUnavailable):
-            headers["Retry-After"] = str(retry_after_seconds)
-        return _json(exc.content(), exc.status_code, headers)
+        return error_response(exc, retry_after_seconds)
 
     async def validation_failed(_: Request, exc: Exception) -> Response:
         # FastAPI's default handler echoes the offending input, which may itself be what

@@ -37,7 +37,7 @@ class BodySizeLimitMiddleware:
         while more:
             message = await receive()
             if message["type"] != "http.request":
-                await self.app(scope, _replay([message], receive), send)
+                await self.app(scope, replay([message], receive), send)
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
@@ -47,7 +47,7 @@ class BodySizeLimitMiddleware:
             chunks.append(chunk)
             more = message.get("more_body", False)
         body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([body], receive), send)
+        await self.app(scope, replay([body], receive), send)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -75,7 +75,8 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _replay(messages: list[Message], receive: Receive) -> Receive:
+def replay(messages: list[Message], receive: Receive) -> Receive:
+    """A receive that gives these messages first, then the rest of the request."""
     pending = list(messages)
 
     async def replayed() -> Message:

@@ -55,12 +55,13 @@ IdempotencyKeyHeader = Annotated[
 ]
 
 _MAX_BIGINT = 2**63 - 1
+CREATE_PATH = "/v2/{entity}/{project}/scores"
 
 router = APIRouter(tags=["Scores"], route_class=PydanticJsonRoute)
 
 
 @router.post(
-    "/v2/{entity}/{project}/scores",
+    CREATE_PATH,
     summary="Create a score",
     description="Creates a score. A 200 means the broker has durably accepted it.",
     responses=_WRITE_ERRORS,
