@@ -304,8 +304,30 @@ async def _score_ingest(run: _Run, single: Path, batch: Path) -> None:
         f"single: {single_result.requests_per_s:,.0f} req/s, p99 {single_result.latency_p99_ms} ms"
     )
 
+    # The same, served by a second api with API_FAST_PATH=false: what the fast path buys.
+    routed_port = free_port()
+    routed_api = run.server(
+        "api-routed", [*score_ingest_command(), "api"],
+        **{**ports, "API_PORT": str(routed_port), "API_FAST_PATH": "false"},
+    )  # fmt: skip
+    routed_base = f"http://127.0.0.1:{routed_port}"
+    await routed_api.wait_ready(routed_base + "/readyz")
+    run.note_load("single_without_fast_path")
+    _say("score-ingest single, API_FAST_PATH=false")
+    routed = await run.wrk(
+        routed_base, f"/v2/{ENTITY}/routed/scores", single, options.connections,
+        {**watch, "api": routed_api.pid},
+    )  # fmt: skip
+    run.group.stop(routed_api)
+    results["http"]["single_without_fast_path"] = routed.to_json()
+    _say(f"single without the fast path: {routed.requests_per_s:,.0f} req/s")
+
     answered = results["answered"]
-    await _wait_until_settled(run, {"single": answered[f"/v2/{ENTITY}/single/scores"]})
+    singles = {
+        "single": answered[f"/v2/{ENTITY}/single/scores"],
+        "routed": answered[f"/v2/{ENTITY}/routed/scores"],
+    }
+    await _wait_until_settled(run, singles)
 
     run.note_load("batch")
     _say(f"score-ingest batch of {BATCH_SIZE}: wrk {options.batch_connections} connections")
@@ -324,11 +346,7 @@ async def _score_ingest(run: _Run, single: Path, batch: Path) -> None:
         f"{backlog_after_batch:,} left in the queue at the end"
     )
     await _wait_until_settled(
-        run,
-        {
-            "single": answered[f"/v2/{ENTITY}/single/scores"],
-            "batch": answered[f"/v2/{ENTITY}/batch/scores/batch"] * BATCH_SIZE,
-        },
+        run, {**singles, "batch": answered[f"/v2/{ENTITY}/batch/scores/batch"] * BATCH_SIZE}
     )
 
     rate = single_result.requests_per_s / 2
@@ -365,7 +383,7 @@ async def _score_ingest(run: _Run, single: Path, batch: Path) -> None:
         }
 
     expected = {
-        "single": answered[f"/v2/{ENTITY}/single/scores"],
+        **singles,
         "batch": answered[f"/v2/{ENTITY}/batch/scores/batch"] * BATCH_SIZE,
         "visibility": paced.ok,
     }
@@ -574,7 +592,7 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
     )
     integrity = results["integrity"]
     lost = {p: v for p, v in integrity.items() if v["rows"] < v["answered_200"]}
-    wrk_cpu = max(http[k]["cpu_percent"]["wrk"] for k in ("bare", "naive", "single"))
+    wrk_cpu = max(http[k]["cpu_percent"]["wrk"] for k in http if k != "batch")
     checks = [
         Verdict(
             "worker RSS flat, 1M vs 10k backlog",
@@ -619,8 +637,9 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
 
 def _reported(results: dict[str, Any]) -> list[str]:
     """Measured and printed, but no target."""
-    backlog = results["backlog"]
-    return [
+    backlog, http = results["backlog"], results["http"]
+    routed = http["single_without_fast_path"]["requests_per_s"]
+    drains = [
         f"worker drain, {result['backlog']:,} scores as {result['messages']:,} {form}:"
         f" {result['steady_per_s']:,.0f} scores/s after {result['startup_seconds']:.1f}s of"
         f" start-up ({result['per_s']:,.0f}/s from spawn), worker peak RSS"
@@ -629,6 +648,12 @@ def _reported(results: dict[str, Any]) -> list[str]:
             (backlog["drain"], "single-score messages"),
             (backlog["drain_batch"], f"{BATCH_MESSAGE_TYPE} messages"),
         )
+    ]
+    return [
+        f"single POST with API_FAST_PATH=false: {routed:,.0f} req/s,"
+        f" {routed / http['naive']['requests_per_s']:.2f}x naive,"
+        f" {routed / http['bare']['requests_per_s']:.2f}x bare",
+        *drains,
     ]
 
 
