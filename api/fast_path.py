@@ -130,7 +130,8 @@ def _plain_create(
                 content_type = value.decode("latin-1")
         elif name == b"idempotency-key":
             return None
-    if content_type is not None and content_type.partition(";")[0].strip().lower() != (
+    # No content type is not JSON either: FastAPI (strict_content_type) does not read it.
+    if content_type is None or content_type.partition(";")[0].strip().lower() != (
         "application/json"
     ):
         return None
