@@ -43,9 +43,14 @@ class ScoreStore:
             [score.created_at for score in scores],
             [score.created_by for score in scores],
         )
+        projects = set(zip(columns[1], columns[2], strict=True))  # nearly always one
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                await conn.execute(sql.LOCK_PROJECTS_SHARED, columns[1], columns[2])
+                await conn.execute(
+                    sql.LOCK_PROJECTS_SHARED,
+                    [entity for entity, _ in projects],
+                    [project for _, project in projects],
+                )
                 status = await conn.execute(
                     sql.INSERT_SCORES, *columns, timeout=_INSERT_TIMEOUT_SECONDS
                 )
