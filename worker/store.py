@@ -1,5 +1,7 @@
 """Writing scores to PostgreSQL, idempotently, a batch per statement."""
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 
 import asyncpg
@@ -28,6 +30,7 @@ class ScoreStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._begin_in_order = asyncio.Lock()  # asyncio's locks are fair: first come, first in
 
     async def persist_batch(self, scores: Sequence[ScoreMessage]) -> int:
         """Insert scores in one transaction; returns how many were stored (new, not deleted)."""
@@ -45,7 +48,12 @@ class ScoreStore:
         )
         projects = set(zip(columns[1], columns[2], strict=True))  # nearly always one
         try:
-            async with self._pool.acquire() as conn, conn.transaction():
+            async with contextlib.AsyncExitStack() as stack:
+                # Transactions begin in the order their batches were handed over (delivery
+                # order), even with several in flight; they may commit in any order.
+                async with self._begin_in_order:
+                    conn = await stack.enter_async_context(self._pool.acquire())
+                    await stack.enter_async_context(conn.transaction())
                 await conn.execute(
                     sql.LOCK_PROJECTS_SHARED,
                     [entity for entity, _ in projects],
