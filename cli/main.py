@@ -2,6 +2,7 @@
 
 import asyncio
 import ctypes
+import gc
 import json
 import math
 import signal
@@ -47,8 +48,10 @@ def api(
 ) -> None:
     """Serve the HTTP API."""
     settings = get_settings()
+    application = create_app(settings)
+    _spare_the_collector()
     uvicorn.run(
-        create_app(settings),
+        application,
         host=host or settings.api_host,
         port=port if port is not None else settings.api_port,
         log_level=settings.log_level.lower(),
@@ -60,7 +63,18 @@ def api(
 @app.command()
 def worker() -> None:
     """Consume scores.persist and store scores in PostgreSQL."""
-    uvloop.run(run_worker(get_settings()))
+    settings = get_settings()
+    _spare_the_collector()
+    uvloop.run(run_worker(settings))
+
+
+def _spare_the_collector() -> None:
+    """Move what the process holds before it serves (modules, pydantic's and FastAPI's
+    schemas, the app) to the collector's permanent generation: it lives as long as the
+    process, and every full collection would walk it again, about 78,000 objects. Found by
+    profiling the worker (BENCHMARKS.md): draining batch messages went from ~37,000 to
+    ~60,000 scores/s."""
+    gc.freeze()
 
 
 @app.command()
