@@ -45,7 +45,7 @@ def plot(results: dict[str, Any], output: Path) -> None:
         "single at\nhalf load": (visibility["latency_p50_ms"], visibility["latency_p99_ms"]),
         "200 → row\nreadable": (visibility["visibility_p50_ms"], visibility["visibility_p99_ms"]),
     }
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(16, 5.5))
     colors = ["#9e9e9e", "#e07b39", "#3b75af", "#8fb3d9", "#2e8b57", "#7b4ea3", "#b0507e"]
     bars = left.bar(list(throughput), list(throughput.values()), color=colors)
     _label_bars(left, bars, "")
@@ -73,7 +73,7 @@ def plot(results: dict[str, Any], output: Path) -> None:
     left.set_yscale("log")
     left.set_ylabel("per second (log scale)")
     left.set_title(f"Throughput, {http['single']['connections']} connections")
-    left.tick_params(axis="x", labelsize=8)
+    left.tick_params(axis="x", labelsize=7.5)
 
     positions = range(len(latency))
     width = 0.38
