@@ -23,7 +23,7 @@ class BodySizeLimitMiddleware:
             await self.app(scope, receive, send)
             return
         limit = self.max_batch_bytes if scope["path"].endswith("/batch") else self.max_bytes
-        declared = _header(scope, b"content-length")
+        declared = header(scope, b"content-length")
         if declared is not None and declared.isdigit():
             if int(declared) > limit:
                 await _too_large(send, limit)
@@ -50,7 +50,8 @@ class BodySizeLimitMiddleware:
         await self.app(scope, replay([body], receive), send)
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of a request header (name in lower case), as the server passed it."""
     for key, value in scope["headers"]:
         if key == name:
             return bytes(value)

@@ -8,6 +8,7 @@ from functools import lru_cache
 from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.limits import header
 from shared.logs import request_id
 
 HTTP_REQUESTS = Counter(
@@ -50,14 +51,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next(
-            (
-                value.decode("latin-1")
-                for name, value in scope["headers"]
-                if name == _REQUEST_ID_HEADER
-            ),
-            "",
-        )
+        given = (header(scope, _REQUEST_ID_HEADER) or b"").decode("latin-1")
         current = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         token = request_id.set(current)
         started = time.perf_counter()
