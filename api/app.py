@@ -1,5 +1,7 @@
 """The FastAPI application: connections made in the lifespan, routes, limits, error mapping."""
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +18,7 @@ from api.metrics import RequestContextMiddleware
 from api.publisher import ScorePublisher
 from api.routes import health, scores
 from shared.settings import Settings, get_settings
+from shared.signing import KeyRing
 
 _CONNECT_TIMEOUT_SECONDS = 5
 # We export Prometheus metrics and JSON logs, not OpenTelemetry. FastAPI's native telemetry
@@ -36,7 +39,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_size=settings.db_pool_max_size,
             timeout=_CONNECT_TIMEOUT_SECONDS,
         )
-        publisher = ScorePublisher(settings)
+        signing = KeyRing(pool)
+        await signing.try_refresh()
+        refreshing = asyncio.create_task(signing.keep_fresh())
+        publisher = ScorePublisher(settings, signing)
         publisher.start()
         app.state.services = Services(
             settings,
@@ -47,6 +53,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refreshing
             await publisher.close()
             await pool.close()
 

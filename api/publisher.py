@@ -24,6 +24,7 @@ from shared.contract import (
 )
 from shared.ids import new_score_id
 from shared.settings import Settings
+from shared.signing import SIGNATURE_HEADER, KeyRing
 from shared.topology import EXCHANGE, ROUTING_KEY, declare_topology_once
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,9 @@ class ScorePublisher:
     connection is up, and while the broker blocks publishers, publishes fail at once (503).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, signing: KeyRing) -> None:
         self._settings = settings
+        self._signing = signing
         self._connection: ConfirmingPublisher | None = None
         self._connected = asyncio.Event()
         self._keeping: asyncio.Task[None] | None = None
@@ -130,6 +132,9 @@ class ScorePublisher:
         else:
             body = to_json({"scores": scores})
             properties, message_id = BATCH_PROPERTIES, str(new_score_id())
+        # Signed, the worker stores it without validating it again (shared/signing.py).
+        key = self._signing.newest
+        headers = {SIGNATURE_HEADER: key.sign(properties.message_type, body)} if key else None
         started = time.perf_counter()
         try:
             if self._connection is None:
@@ -141,6 +146,7 @@ class ScorePublisher:
                 properties,
                 message_id=message_id,
                 timestamp=datetime.now(UTC),
+                headers=headers,
             )
         except PublishFailed as exc:
             confirm = asyncio.get_running_loop().create_future()

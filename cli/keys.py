@@ -1,36 +1,18 @@
 """`score-ingest keys`: create, list and revoke API keys."""
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Annotated, TypeVar
+from typing import Annotated
 
-import asyncpg
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from api.keys import KeyInfo, create_key, list_keys, revoke_key
-from shared.settings import get_settings
+from cli._db import with_connection
 
+_TABLE = "api_keys"
 app = typer.Typer(
     help="Manage API keys (stored hashed; a secret is shown once).", no_args_is_help=True
 )
-T = TypeVar("T")
-
-
-def _with_connection(work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-    async def run() -> T:
-        conn = await asyncpg.connect(get_settings().database_url)
-        try:
-            return await work(conn)
-        except asyncpg.UndefinedTableError:
-            raise typer.BadParameter(
-                "no api_keys table: run `score-ingest migrate` first"
-            ) from None
-        finally:
-            await conn.close()
-
-    return asyncio.run(run())
 
 
 @app.command()
@@ -42,7 +24,9 @@ def create(
     name: Annotated[str | None, typer.Option(help="A label for the key")] = None,
 ) -> None:
     """Create a key; its secret is printed once, alone on the last line."""
-    info, secret = _with_connection(lambda conn: create_key(conn, entity, project or (), name))
+    info, secret = with_connection(
+        _TABLE, lambda conn: create_key(conn, entity, project or (), name)
+    )
     scope = ", ".join(info.projects) if info.projects else "all projects"
     typer.echo(f"created key {info.key_id} for {info.entity} ({scope}); store the secret now:")
     typer.echo(secret)
@@ -67,7 +51,7 @@ def list_(
     entity: Annotated[str | None, typer.Option(help="Only this entity's keys")] = None,
 ) -> None:
     """List keys (never their secrets)."""
-    Console().print(_render(_with_connection(lambda conn: list_keys(conn, entity))))
+    Console().print(_render(with_connection(_TABLE, lambda conn: list_keys(conn, entity))))
 
 
 @app.command()
@@ -75,7 +59,7 @@ def revoke(
     key_id: Annotated[str, typer.Argument(help="The key's id, as `keys list` shows")],
 ) -> None:
     """Revoke a key; running APIs refuse it within AUTH_CACHE_TTL_SECONDS."""
-    if not _with_connection(lambda conn: revoke_key(conn, key_id)):
+    if not with_connection(_TABLE, lambda conn: revoke_key(conn, key_id)):
         typer.echo(f"no key {key_id}", err=True)
         raise typer.Exit(1)
     typer.echo(f"revoked {key_id}")

@@ -39,3 +39,8 @@ PREFETCH = Gauge(
     "score_ingest_worker_prefetch",
     "Messages the broker may send ahead (fitted to WORKER_PREFETCH_BYTES by message size)",
 )
+MESSAGES_DECODED = Counter(
+    "score_ingest_messages_decoded_total",
+    "Messages decoded, by how: `signature` (signed by the api, parsed only) or `validation`",
+    ["check"],
+)

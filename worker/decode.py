@@ -1,7 +1,13 @@
-"""Turning a delivered message into a ScoreMessage, or saying why it never can be."""
+"""Turning a delivered message into rows to store, or saying why it never can be."""
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, NamedTuple
+from uuid import UUID
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
+from pydantic_core import from_json, to_json
 
 from shared.contract import (
     BATCH_MESSAGE_TYPE,
@@ -11,6 +17,40 @@ from shared.contract import (
     ScoreMessage,
 )
 from shared.dead_letters import MAX_DETAIL_CHARS, DeadLetterReason
+from shared.signing import SIGNATURE_HEADER, SigningKey, is_signed
+from worker._metrics import MESSAGES_DECODED
+
+_BY_SIGNATURE = MESSAGES_DECODED.labels("signature")
+_BY_VALIDATION = MESSAGES_DECODED.labels("validation")
+
+
+class ScoreRow(NamedTuple):
+    """A score as the worker stores it, in the order of the scores table's columns."""
+
+    score_id: UUID | str
+    entity: str
+    project: str
+    prediction_id: str
+    scorer: str
+    value: str  # JSON text
+    evaluation_run_id: str | None
+    created_at: datetime
+    created_by: str
+
+
+def row_of(score: ScoreMessage) -> ScoreRow:
+    """The row of a validated score."""
+    return ScoreRow(
+        score.score_id,
+        score.entity,
+        score.project,
+        score.prediction_id,
+        score.scorer,
+        to_json(score.value).decode(),
+        score.evaluation_run_id,
+        score.created_at,
+        score.created_by,
+    )
 
 
 class PoisonMessage(Exception):
@@ -29,10 +69,15 @@ def _describe(exc: ValidationError) -> str:
     )
 
 
-def decode_scores(message: AbstractIncomingMessage) -> list[ScoreMessage]:
-    """The scores a message carries (one, or a batch's); raises PoisonMessage otherwise.
+def decode_scores(
+    message: AbstractIncomingMessage, keys: Mapping[str, SigningKey]
+) -> list[ScoreRow]:
+    """The rows of the scores a message carries (one, or a batch's); raises PoisonMessage
+    otherwise.
 
-    A batch is all or nothing: one invalid score makes the whole message poison.
+    A batch is all or nothing: one invalid score makes the whole message poison. A message
+    the api signed under one of keys was validated there and is only parsed here; every
+    other message is validated in full (shared/signing.py).
     """
     media_type = (message.content_type or "").partition(";")[0].strip().lower()
     if media_type != CONTENT_TYPE:
@@ -45,13 +90,51 @@ def decode_scores(message: AbstractIncomingMessage) -> list[ScoreMessage]:
             DeadLetterReason.UNSUPPORTED_MESSAGE_TYPE,
             f"type must be {MESSAGE_TYPE!r}, {BATCH_MESSAGE_TYPE!r} or unset, not {message.type!r}",
         )
+    batch = message.type == BATCH_MESSAGE_TYPE
+    if message.type and keys and message.headers:
+        signature = message.headers.get(SIGNATURE_HEADER)
+        if is_signed(keys, message.type, message.body, signature):
+            rows = _signed_rows(message.body, batch)
+            if rows is not None:
+                _BY_SIGNATURE.inc()
+                return rows
+    _BY_VALIDATION.inc()
     try:
-        if message.type == BATCH_MESSAGE_TYPE:
-            return ScoreBatchMessage.model_validate_json(message.body).scores
-        return [ScoreMessage.model_validate_json(message.body)]
+        if batch:
+            scores = ScoreBatchMessage.model_validate_json(message.body).scores
+        else:
+            scores = [ScoreMessage.model_validate_json(message.body)]
     except ValidationError as exc:
         invalid_json = any(error["type"] == "json_invalid" for error in exc.errors())
         reason = (
             DeadLetterReason.INVALID_JSON if invalid_json else DeadLetterReason.SCHEMA_VIOLATION
         )
         raise PoisonMessage(reason, _describe(exc)) from None
+    return [row_of(score) for score in scores]
+
+
+def _signed_rows(body: bytes, batch: bool) -> list[ScoreRow] | None:
+    """The rows of a body the api validated and signed, as ScoreMessage would give them.
+
+    The api publishes every field, in the forms pydantic serialises them to; None if the
+    body is not in that shape after all (then it is validated in full).
+    """
+    try:
+        parsed: Any = from_json(body)
+        rows = [
+            ScoreRow(
+                item["score_id"],  # asyncpg encodes a UUID from its text
+                item["entity"],
+                item["project"],
+                item["prediction_id"],
+                item["scorer"],
+                to_json(item["value"]).decode(),
+                item["evaluation_run_id"],
+                datetime.fromisoformat(item["created_at"]),
+                item["created_by"],
+            )
+            for item in (parsed["scores"] if batch else (parsed,))
+        ]
+    except (KeyError, TypeError, ValueError):
+        return None
+    return rows or None

@@ -5,10 +5,9 @@ import contextlib
 from collections.abc import Sequence
 
 import asyncpg
-from pydantic_core import to_json
 
-from shared.contract import ScoreMessage
 from worker import sql
+from worker.decode import ScoreRow
 
 _INSERT_TIMEOUT_SECONDS = 60
 
@@ -32,20 +31,10 @@ class ScoreStore:
         self._pool = pool
         self._begin_in_order = asyncio.Lock()  # asyncio's locks are fair: first come, first in
 
-    async def persist_batch(self, scores: Sequence[ScoreMessage]) -> int:
-        """Insert scores in one transaction; returns how many were stored (new, not deleted)."""
-        # One list per column, in the order of sql.INSERT_SCORES's parameters.
-        columns = (
-            [score.score_id for score in scores],
-            [score.entity for score in scores],
-            [score.project for score in scores],
-            [score.prediction_id for score in scores],
-            [score.scorer for score in scores],
-            [to_json(score.value).decode() for score in scores],
-            [score.evaluation_run_id for score in scores],
-            [score.created_at for score in scores],
-            [score.created_by for score in scores],
-        )
+    async def persist_batch(self, rows: Sequence[ScoreRow]) -> int:
+        """Insert rows in one transaction; returns how many were stored (new, not deleted)."""
+        # One array per column, in the order of sql.INSERT_SCORES's parameters.
+        columns = tuple(zip(*rows, strict=True))
         projects = set(zip(columns[1], columns[2], strict=True))  # nearly always one
         try:
             async with contextlib.AsyncExitStack() as stack:

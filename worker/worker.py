@@ -20,7 +20,6 @@ from aio_pika.abc import (
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError, DeliveryError
 
 from shared.broker import connect_until_ready
-from shared.contract import ScoreMessage
 from shared.dead_letters import (
     DETAIL_HEADER,
     QUEUE_HEADER,
@@ -30,6 +29,7 @@ from shared.dead_letters import (
     copy_with_headers,
 )
 from shared.settings import Settings
+from shared.signing import KeyRing
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE, ROUTING_KEY, declare_topology
 from worker._health import HealthServer
 from worker._metrics import (
@@ -44,13 +44,13 @@ from worker._metrics import (
     QUEUE_DEPTH,
     SCORES_PERSISTED,
 )
-from worker.decode import PoisonMessage, decode_scores
+from worker.decode import PoisonMessage, ScoreRow, decode_scores
 from worker.store import ScoreStore, StorageRejected
 
 log = logging.getLogger(__name__)
 
-_Decoded = tuple[AbstractIncomingMessage, list[ScoreMessage]]
-_Taken = tuple[AbstractIncomingMessage, list[ScoreMessage] | PoisonMessage]
+_Decoded = tuple[AbstractIncomingMessage, list[ScoreRow]]
+_Taken = tuple[AbstractIncomingMessage, list[ScoreRow] | PoisonMessage]
 _PURGE_INTERVAL_SECONDS = 600
 _QUEUE_DEPTH_INTERVAL_SECONDS = 5
 _YIELD_EVERY_SCORES = 250
@@ -76,6 +76,7 @@ class ScoreWorker:
         self._connection: AbstractRobustConnection | None = None
         self._pool: asyncpg.Pool | None = None
         self._store: ScoreStore | None = None
+        self._signing: KeyRing | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
@@ -105,7 +106,9 @@ class ScoreWorker:
         storing: deque[asyncio.Task[None]] = deque()
         try:
             await self._start()
+            assert self._signing is not None
             chores = [
+                asyncio.create_task(self._signing.keep_fresh()),
                 asyncio.create_task(self._purge_idempotency_keys_periodically()),
                 asyncio.create_task(self._poll_queue_depths_periodically()),
             ]
@@ -179,6 +182,9 @@ class ScoreWorker:
             settings.database_url, min_size=0, max_size=_STORES_IN_FLIGHT + 1
         )
         self._store = ScoreStore(self._pool)
+        self._signing = KeyRing(self._pool)
+        # Unread (PostgreSQL down), every message is validated until the next refresh.
+        await self._signing.try_refresh()
         self._connection = await connect_until_ready(
             settings.amqp_url, "score-ingest-worker", settings.publish_timeout_seconds
         )
@@ -207,7 +213,7 @@ class ScoreWorker:
         first = await self._inbox.get()
         if first is None:
             return []
-        batch = [_decode(first)]
+        batch = [self._decode(first)]
         scores = _count(batch[0])
         if not self._fitted:
             # The first message shows how big messages are: size the window now, not after
@@ -233,7 +239,7 @@ class ScoreWorker:
                 message = self._inbox.get_nowait()
             if message is None:
                 break
-            batch.append(_decode(message))
+            batch.append(self._decode(message))
             scores += _count(batch[-1])
             if scores >= next_yield:
                 # Decoding is CPU work that holds the event loop; let the batch being stored
@@ -276,12 +282,18 @@ class ScoreWorker:
             self._prefetch = wanted
             PREFETCH.set(wanted)
 
+    def _decode(self, message: AbstractIncomingMessage) -> _Taken:
+        try:
+            return message, decode_scores(message, self._signing.keys if self._signing else {})
+        except PoisonMessage as poison:
+            return message, poison
+
     def _drain_inbox(self) -> list[_Taken]:
         drained = []
         while not self._inbox.empty():
             message = self._inbox.get_nowait()
             if message is not None:
-                drained.append(_decode(message))
+                drained.append(self._decode(message))
         return drained
 
     async def _store_then_ack(
@@ -408,13 +420,6 @@ class ScoreWorker:
         if self._pool is not None:
             await self._pool.close()
         log.info("worker stopped: %d persisted, %d duplicates", self.persisted, self.duplicates)
-
-
-def _decode(message: AbstractIncomingMessage) -> _Taken:
-    try:
-        return message, decode_scores(message)
-    except PoisonMessage as poison:
-        return message, poison
 
 
 def _count(taken: _Taken) -> int:

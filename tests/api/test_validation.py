@@ -18,6 +18,7 @@ from api.keys import create_key
 from shared.contract import ScoreMessage
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
+from worker.decode import row_of
 from worker.store import ScoreStore
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
@@ -444,6 +445,6 @@ async def test_any_input_is_accepted_and_stored_or_refused_with_422(
     score = ScoreMessage.model_validate_json(message.body)
     assert str(score.score_id) == response.json()["score_id"]
     assert score.prediction_id == prediction_id
-    assert await store.persist_batch([score]) == 1
+    assert await store.persist_batch([row_of(score)]) == 1
     stored = await db.fetchval("SELECT value::text FROM scores WHERE score_id = $1", score.score_id)
     assert _numeric(json.loads(stored)) == _numeric(value)
