@@ -1,7 +1,9 @@
-"""Backlogs: publish many scores straight to the broker, then time a worker draining them.
+"""Backlogs: queue many scores while no worker runs, then time a worker draining them.
 
 A backlog is counted in scores; it is queued either as one score.create.v1 message per
-score or as score.batch.v1 messages of several scores each (`bench._frames.MessageKind`).
+score or as score.batch.v1 messages of several scores each (`bench._frames.MessageKind`),
+published straight to the broker as a direct publisher would, or posted to the api's batch
+endpoint, whose messages the api signs (shared/signing.py).
 """
 
 import asyncio
@@ -21,6 +23,7 @@ from shared.topology import QUEUE
 
 _POLL_SECONDS = 0.25
 _PERSISTED_METRIC = "score_ingest_scores_persisted_total "
+_SIGNED_METRIC = 'score_ingest_messages_decoded_total{check="signature"} '
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class PublishResult:
     seconds: float
     per_s: float
     messages_per_s: float
+    source: str = "direct"  # "direct": straight to the broker; "api": batch POSTs
 
     def to_json(self) -> dict[str, Any]:
         """As stored in results.json."""
@@ -85,6 +89,39 @@ async def publish_backlog(
     )
 
 
+async def post_backlog(
+    url: str, authorization: str, body: bytes, scores_per_request: int, requests: int
+) -> PublishResult:
+    """POST body to the api's batch endpoint `requests` times, 4 at a time (as the bench's
+    batch load does); every answer must be 200. Timed."""
+    remaining = requests
+    started = time.monotonic()
+    headers = {"Authorization": authorization, "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def post_some() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                async with session.post(url, data=body, headers=headers) as res:
+                    if res.status != 200:
+                        raise BenchError(f"the api answered {res.status}: {await res.text()}")
+
+        await asyncio.gather(*(post_some() for _ in range(4)))
+    seconds = time.monotonic() - started
+    count = requests * scores_per_request
+    return PublishResult(
+        kind="batch",
+        scores=count,
+        scores_per_message=scores_per_request,
+        messages=requests,
+        seconds=round(seconds, 2),
+        per_s=round(count / seconds, 1),
+        messages_per_s=round(requests / seconds, 1),
+        source="api",
+    )
+
+
 @dataclass(frozen=True)
 class DrainResult:
     """A worker draining a backlog: how fast, whether it emptied, and its memory meanwhile.
@@ -105,6 +142,7 @@ class DrainResult:
     rows: int
     rows_per_s: float
     queue_ready_after: int
+    signed_messages: int  # decoded by their api signature, not validated again
     worker_rss_after_start_kib: int
     worker_rss_last_kib: int
     worker_rss_peak_kib: int
@@ -117,12 +155,12 @@ class DrainResult:
         return asdict(self)
 
 
-async def _persisted_total(session: aiohttp.ClientSession, metrics_url: str) -> int:
+async def _counter(session: aiohttp.ClientSession, metrics_url: str, prefix: str) -> int:
     async with session.get(metrics_url) as res:
         text = await res.text()
     for line in text.splitlines():
-        if line.startswith(_PERSISTED_METRIC):
-            return int(float(line.removeprefix(_PERSISTED_METRIC)))
+        if line.startswith(prefix):
+            return int(float(line.removeprefix(prefix)))
     return 0
 
 
@@ -188,7 +226,7 @@ async def measure_drain(
                     + worker.log_tail()
                 )
             try:
-                drained = await _persisted_total(session, metrics_url)
+                drained = await _counter(session, metrics_url, _PERSISTED_METRIC)
             except (aiohttp.ClientError, TimeoutError):
                 drained = 0  # not serving yet
             rss = memory_kib(worker.pid, "VmRSS")
@@ -202,9 +240,10 @@ async def measure_drain(
             if drained > 0 and while_draining is not None and side_task is None:
                 side_task = asyncio.create_task(while_draining(worker.pid))
             await asyncio.sleep(_POLL_SECONDS)
+        ended = time.monotonic()
+        signed = await _counter(session, metrics_url, _SIGNED_METRIC)
     if side_task is not None:
         await side_task
-    ended = time.monotonic()
     seconds = ended - worker.started_at
     assert first is not None
     steady = (drained - first[1]) / (ended - first[0]) if ended > first[0] else 0.0
@@ -226,6 +265,7 @@ async def measure_drain(
         rows=rows,
         rows_per_s=round(rows / commit_span, 1) if commit_span > 0 else 0.0,
         queue_ready_after=await queue_depth(amqp_url),
+        signed_messages=signed,
         worker_rss_after_start_kib=after_start,
         worker_rss_last_kib=samples[-1][1],
         worker_rss_peak_kib=peak,

@@ -26,7 +26,9 @@ def plot(results: dict[str, Any], output: Path) -> None:
     """Write throughput (left) and latency (right) bar charts to output."""
     http, backlog = results["http"], results["backlog"]
     per_message = backlog["drain_batch_publish"]["scores_per_message"]
-    drain_single, drain_batch = (backlog[k]["steady_per_s"] for k in ("drain", "drain_batch"))
+    drain_single, drain_batch, drain_direct = (
+        backlog[k]["steady_per_s"] for k in ("drain", "drain_batch", "drain_batch_direct")
+    )
     throughput = {
         "bare\nreq/s": http["bare"]["requests_per_s"],
         "naive\nreq/s": http["naive"]["requests_per_s"],
@@ -34,7 +36,8 @@ def plot(results: dict[str, Any], output: Path) -> None:
         "single, no\nfast path\nreq/s": http["single_without_fast_path"]["requests_per_s"],
         "score-ingest\nbatch scores/s": http["batch"]["scores_per_s"],
         "drain, single-\nscore messages\nscores/s": drain_single,
-        f"drain, batch\nmessages of {per_message}\nscores/s": drain_batch,
+        f"drain, api's batch\nmessages of {per_message}\nscores/s": drain_batch,
+        "drain, direct\nbatch messages\n(validated)\nscores/s": drain_direct,
     }
     visibility = results["visibility"]
     latency = {
@@ -45,8 +48,10 @@ def plot(results: dict[str, Any], output: Path) -> None:
         "single at\nhalf load": (visibility["latency_p50_ms"], visibility["latency_p99_ms"]),
         "200 → row\nreadable": (visibility["visibility_p50_ms"], visibility["visibility_p99_ms"]),
     }
-    figure, (left, right) = plt.subplots(1, 2, figsize=(16, 5.5))
-    colors = ["#9e9e9e", "#e07b39", "#3b75af", "#8fb3d9", "#2e8b57", "#7b4ea3", "#b0507e"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(17, 5.5))
+    colors = [
+        "#9e9e9e", "#e07b39", "#3b75af", "#8fb3d9", "#2e8b57", "#7b4ea3", "#b0507e", "#d9a3bf"
+    ]  # fmt: skip
     bars = left.bar(list(throughput), list(throughput.values()), color=colors)
     _label_bars(left, bars, "")
     naive, bare = http["naive"]["requests_per_s"], http["bare"]["requests_per_s"]

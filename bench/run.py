@@ -5,10 +5,12 @@ Phases, in order (BENCHMARKS.md explains each and how to read the results):
    same connections and duration: single-score POSTs, then batch POSTs of 500;
 2. a paced run at half score-ingest's single-POST rate: latency from 200 to row readable;
 3. py-spy profiles of the api under the same wrk loads;
-4. backlogs published straight to the broker with no worker running, then drained by one
-   worker: a drain-rate backlog twice, as single-score messages and as score.batch.v1
-   messages of 500 (what the api's batch endpoint publishes), and 10k vs 1M single-score
-   messages for the worker's memory (the worker is profiled while it drains the 1M backlog).
+4. backlogs queued with no worker running, then drained by one worker: a drain-rate
+   backlog three times, as single-score messages published straight to the broker, as
+   score.batch.v1 messages of 500 posted to an api's batch endpoint (signed by the api), and
+   as the same batch messages published straight to the broker (unsigned, so validated in
+   full); then 10k vs 1M single-score messages for the worker's memory (the worker is
+   profiled while it drains the 1M backlog).
 
 Writes bench/results.json and bench/throughput_latency.png, prints every target as PASS or
 FAIL, and exits 1 when any fails (2 when the bench itself could not run).
@@ -458,6 +460,33 @@ async def _backlogs(run: _Run) -> None:
         )
         return {**published.to_json(), "cpu_percent": cpu}
 
+    async def post(count: int, project: str) -> dict[str, Any]:
+        """The api's own batch messages, signed: an api runs alone and takes batch POSTs."""
+        run.note_load(f"post-{project}")
+        requests = -(-count // BATCH_SIZE)
+        _say(f"posting {requests:,} batches of {BATCH_SIZE} to an api (no worker running)")
+        await _backlog.purge_queue(env.amqp_url)
+        port = free_port()
+        api = run.server(f"api-{project}", [*score_ingest_command(), "api"], API_PORT=str(port))
+        base = f"http://127.0.0.1:{port}"
+        await api.wait_ready(base + "/readyz")
+        await asyncio.sleep(1)  # the api reads its signing key just after it starts
+        window = CpuWindow({"api": api.pid, "rabbitmq": run.broker_pid})
+        posted = await _backlog.post_backlog(
+            f"{base}/v2/{ENTITY}/{project}/scores/batch",
+            run.authorization,
+            json.dumps({"scores": [SINGLE_BODY] * BATCH_SIZE}).encode(),
+            BATCH_SIZE,
+            requests,
+        )
+        cpu = window.finish()
+        run.group.stop(api)
+        depth = await _backlog.queue_depth(env.amqp_url)
+        if depth != posted.messages:
+            raise BenchError(f"expected {posted.messages} queued messages, the queue holds {depth}")
+        _say(f"posted {posted.scores:,} scores in {posted.seconds:.1f}s ({posted.per_s:,.0f}/s)")
+        return {**posted.to_json(), "cpu_percent": cpu}
+
     async def drain(
         published: dict[str, Any], until: int, project: str, profile: bool = False
     ) -> dict[str, Any]:
@@ -503,9 +532,15 @@ async def _backlogs(run: _Run) -> None:
     backlog: dict[str, Any] = {}
     backlog["drain_publish"] = await fill(options.drain_backlog, "drain")
     backlog["drain"] = await drain(backlog["drain_publish"], options.drain_backlog, "drain")
-    backlog["drain_batch_publish"] = await fill(options.drain_backlog, "drain-batch", "batch")
+    backlog["drain_batch_publish"] = await post(options.drain_backlog, "drain-batch")
     backlog["drain_batch"] = await drain(
         backlog["drain_batch_publish"], options.drain_backlog, "drain-batch"
+    )
+    backlog["drain_batch_direct_publish"] = await fill(
+        options.drain_backlog, "drain-batch-direct", "batch"
+    )
+    backlog["drain_batch_direct"] = await drain(
+        backlog["drain_batch_direct_publish"], options.drain_backlog, "drain-batch-direct"
     )
     backlog["small_publish"] = await fill(options.small_backlog, "small")
     backlog["small"] = await drain(backlog["small_publish"], options.small_backlog, "small")
@@ -566,7 +601,7 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
         _ratio("single POST req/s vs bare", single, bare, 0.6),
         _ratio("batch scores/s vs naive single req/s", batch, naive, 15),
         _ratio(
-            f"drain scores/s, backlog of batch messages of {BATCH_SIZE}, vs batch accept scores/s",
+            f"drain scores/s, the api's batch messages of {BATCH_SIZE}, vs batch accept scores/s",
             drain_batch,
             batch,
             1,
@@ -620,6 +655,15 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
             f">= {results['settings']['large_drain']:,}",
             backlog["large"]["drained"] >= results["settings"]["large_drain"],
         ),
+        Verdict(
+            "the worker took the api's messages by their signature, the direct ones by validation",
+            f"{backlog['drain_batch']['signed_messages']} of"
+            f" {backlog['drain_batch']['messages']} api messages signed,"
+            f" {backlog['drain_batch_direct']['signed_messages']} direct ones",
+            "all, and none",
+            backlog["drain_batch"]["signed_messages"] == backlog["drain_batch"]["messages"]
+            and backlog["drain_batch_direct"]["signed_messages"] == 0,
+        ),
         *(
             Verdict(
                 f"drain backlog emptied ({name})",
@@ -629,7 +673,11 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
                 backlog[key]["rows"] == backlog[key]["backlog"]
                 and backlog[key]["queue_ready_after"] == 0,
             )
-            for key, name in (("drain", "single-score messages"), ("drain_batch", "batch messages"))
+            for key, name in (
+                ("drain", "single-score messages"),
+                ("drain_batch", "the api's batch messages"),
+                ("drain_batch_direct", "direct batch messages"),
+            )
         ),
     ]
     return targets, checks
@@ -646,14 +694,19 @@ def _reported(results: dict[str, Any]) -> list[str]:
         f" {result['worker_rss_peak_kib'] / 1024:.0f} MiB"
         for result, form in (
             (backlog["drain"], "single-score messages"),
-            (backlog["drain_batch"], f"{BATCH_MESSAGE_TYPE} messages"),
+            (backlog["drain_batch"], f"{BATCH_MESSAGE_TYPE} messages from the api"),
+            (backlog["drain_batch_direct"], f"{BATCH_MESSAGE_TYPE} messages, direct"),
         )
     ]
+    direct = backlog["drain_batch_direct"]["steady_per_s"]
+    batch = http["batch"]["scores_per_s"]
     return [
         f"single POST with API_FAST_PATH=false: {routed:,.0f} req/s,"
         f" {routed / http['naive']['requests_per_s']:.2f}x naive,"
         f" {routed / http['bare']['requests_per_s']:.2f}x bare",
         *drains,
+        f"drain of direct publishers' (unsigned, fully validated) batch messages vs batch"
+        f" accept: {direct / batch:.2f}x ({direct:,.0f} vs {batch:,.0f} scores/s)",
     ]
 
 
