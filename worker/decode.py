@@ -117,24 +117,42 @@ def _signed_rows(body: bytes, batch: bool) -> list[ScoreRow] | None:
     """The rows of a body the api validated and signed, as ScoreMessage would give them.
 
     The api publishes every field, in the forms pydantic serialises them to; None if the
-    body is not in that shape after all (then it is validated in full).
+    body is not in that shape after all (then it is validated in full). The shape is
+    checked, cheaply, so that even a body signed by mistake can only reach PostgreSQL with
+    the types its columns take.
     """
+    rows = []
     try:
         parsed: Any = from_json(body)
-        rows = [
-            ScoreRow(
-                item["score_id"],  # asyncpg encodes a UUID from its text
-                item["entity"],
-                item["project"],
+        for item in parsed["scores"] if batch else (parsed,):
+            score_id, entity, project = item["score_id"], item["entity"], item["project"]
+            prediction_id, scorer, created_by = (
                 item["prediction_id"],
                 item["scorer"],
-                to_json(item["value"]).decode(),
-                item["evaluation_run_id"],
-                datetime.fromisoformat(item["created_at"]),
                 item["created_by"],
             )
-            for item in (parsed["scores"] if batch else (parsed,))
-        ]
+            run_id = item["evaluation_run_id"]
+            created_at = datetime.fromisoformat(item["created_at"])
+            if not (
+                type(score_id) is type(entity) is type(project) is str
+                and type(prediction_id) is type(scorer) is type(created_by) is str
+                and (run_id is None or type(run_id) is str)
+                and created_at.tzinfo is not None
+            ):
+                return None
+            rows.append(
+                ScoreRow(
+                    score_id,  # asyncpg encodes a UUID from its text
+                    entity,
+                    project,
+                    prediction_id,
+                    scorer,
+                    to_json(item["value"]).decode(),
+                    run_id,
+                    created_at,
+                    created_by,
+                )
+            )
     except (KeyError, TypeError, ValueError):
         return None
     return rows or None
