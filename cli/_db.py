@@ -16,7 +16,11 @@ def with_connection(table: str, work: Callable[[asyncpg.Connection], Awaitable[T
     """Run work on a connection to DATABASE_URL; a missing table says to migrate first."""
 
     async def run() -> T:
-        conn = await asyncpg.connect(get_settings().database_url)
+        try:
+            conn = await asyncpg.connect(get_settings().database_url)
+        except asyncpg.InvalidCatalogNameError:
+            message = "the database does not exist: run `score-ingest migrate` first"
+            raise typer.BadParameter(message) from None
         try:
             return await work(conn)
         except asyncpg.UndefinedTableError:

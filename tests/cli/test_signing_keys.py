@@ -123,3 +123,14 @@ def test_on_an_unmigrated_database_the_commands_say_to_migrate_first(
     # Nothing was created on the way.
     with pytest.raises(asyncpg.UndefinedTableError):
         keys_in(database)
+
+
+@pytest.mark.parametrize("command", ["list", "rotate"])
+def test_on_a_database_that_does_not_exist_the_commands_say_to_migrate_first(
+    database: str, command: str
+) -> None:
+    result = signing_keys(database, command)
+
+    assert result.returncode != 0
+    assert "the database does not exist: run `score-ingest migrate` first" in flat(result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
