@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -211,8 +211,8 @@ class _Connection(asyncio.Protocol):
         self.scheduled = 0.0  # of the request in flight
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, though they act as one.
+        self._transport = cast(asyncio.Transport, transport)
 
     def send(self, scheduled: float) -> None:
         assert self._transport is not None
