@@ -908,3 +908,9 @@ async def test_decoding_trusts_exactly_the_keys_it_is_given(
             decode_scores(published, others)
         assert poison.value.reason == _SCHEMA
         assert "probe" in poison.value.detail
+
+
+def test_a_row_has_the_fields_of_the_message_in_order() -> None:
+    # _signed_rows reads a signed body field by field; a field added to the contract must be
+    # added there too, and this fails until it is.
+    assert ScoreRow._fields == tuple(ScoreMessage.model_fields)
