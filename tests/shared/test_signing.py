@@ -463,7 +463,7 @@ async def test_a_key_ring_gives_up_on_a_database_that_never_answers() -> None:
         ring = KeyRing(pool)
         started = loop.time()
         assert await ring.try_refresh() is False
-        assert loop.time() - started < READ_SECONDS + 1
+        assert loop.time() - started < READ_SECONDS + 5  # not the driver's 60 s
         assert accepted, "the ring did try the database"
         assert ring.keys == {}
         assert ring.newest is None

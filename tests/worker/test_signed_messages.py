@@ -793,7 +793,7 @@ async def test_a_non_ascii_signature_under_a_known_key_id_is_validated(
             odd_message = message("odd", api_body(odd), signature=f"{keys[0].key_id}.\u00e9")
             await broker.publish([odd_message])
             await broker.publish([signed("after", keys[0], api_body(after))])
-            assert await wait_for_count(db, COUNT_SCORES, 2, timeout=2) == 2
+            assert await wait_for_count(db, COUNT_SCORES, 2) == 2
         await broker.assert_stays_empty(QUEUE)
     assert await stored_ids(db) == ids_in(odd, after)
 
