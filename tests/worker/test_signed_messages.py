@@ -38,7 +38,13 @@ from shared.contract import (
     MESSAGE_TYPE,
     ScoreMessage,
 )
-from shared.dead_letters import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, DeadLetterReason
+from shared.dead_letters import (
+    DETAIL_HEADER,
+    QUEUE_HEADER,
+    REASON_HEADER,
+    DeadLetterReason,
+    copy_with_headers,
+)
 from shared.settings import Settings
 from shared.signing import SIGNATURE_HEADER, SigningKey, is_signed, new_key, newest_keys, rotate
 from shared.topology import QUEUE
@@ -160,16 +166,7 @@ def copy_of(taken: AbstractIncomingMessage, *, keep_signature: bool) -> aio_pika
     headers = dict(taken.headers or {})
     if not keep_signature:
         del headers[SIGNATURE_HEADER]
-    return aio_pika.Message(
-        body=taken.body,
-        headers=headers,
-        content_type=taken.content_type,
-        type=taken.type,
-        message_id=taken.message_id,
-        timestamp=taken.timestamp,
-        app_id=taken.app_id,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+    return copy_with_headers(taken, headers)
 
 
 def probe(**changes: Any) -> dict[str, Any]:
