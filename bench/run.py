@@ -42,7 +42,7 @@ import uvloop
 
 import api
 from bench import _backlog, _load, _profile
-from bench._frames import MessageKind
+from bench._frames import MessageKind, messages_for
 from bench._plot import plot
 from bench._services import (
     ENTITY,
@@ -440,6 +440,11 @@ async def _backlogs(run: _Run) -> None:
             name, [*score_ingest_command(), "worker"], WORKER_HEALTH_PORT=str(health)
         )
 
+    async def expect_queued(messages: int) -> None:
+        depth = await _backlog.queue_depth(env.amqp_url)
+        if depth != messages:
+            raise BenchError(f"expected {messages} queued messages, the queue holds {depth}")
+
     async def fill(count: int, project: str, kind: MessageKind = "single") -> dict[str, Any]:
         run.note_load(f"publish-{project}")
         form = "single-score messages" if kind == "single" else f"batch messages of {BATCH_SIZE}"
@@ -449,11 +454,7 @@ async def _backlogs(run: _Run) -> None:
         window = CpuWindow({"rabbitmq": run.broker_pid})
         published = await _backlog.publish_backlog(env.amqp_url, count, project, kind, BATCH_SIZE)
         cpu = window.finish()
-        depth = await _backlog.queue_depth(env.amqp_url)
-        if depth != published.messages:
-            raise BenchError(
-                f"expected {published.messages} queued messages, the queue holds {depth}"
-            )
+        await expect_queued(published.messages)
         _say(
             f"published {count:,} scores in {published.messages:,} messages in "
             f"{published.seconds:.1f}s ({published.per_s:,.0f} scores/s)"
@@ -463,7 +464,7 @@ async def _backlogs(run: _Run) -> None:
     async def post(count: int, project: str) -> dict[str, Any]:
         """The api's own batch messages, signed: an api runs alone and takes batch POSTs."""
         run.note_load(f"post-{project}")
-        requests = -(-count // BATCH_SIZE)
+        requests = messages_for(count, "batch", BATCH_SIZE)
         _say(f"posting {requests:,} batches of {BATCH_SIZE} to an api (no worker running)")
         await _backlog.purge_queue(env.amqp_url)
         port = free_port()
@@ -480,9 +481,7 @@ async def _backlogs(run: _Run) -> None:
         )
         cpu = window.finish()
         run.group.stop(api)
-        depth = await _backlog.queue_depth(env.amqp_url)
-        if depth != posted.messages:
-            raise BenchError(f"expected {posted.messages} queued messages, the queue holds {depth}")
+        await expect_queued(posted.messages)
         _say(f"posted {posted.scores:,} scores in {posted.seconds:.1f}s ({posted.per_s:,.0f}/s)")
         return {**posted.to_json(), "cpu_percent": cpu}
 
