@@ -9,6 +9,8 @@ import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from shared import field_tables
+
 log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL_SECONDS = 1.0
@@ -38,8 +40,10 @@ async def connect_until_ready(
     """A robust connection, retrying with backoff until the broker answers.
 
     Once made, the connection reconnects by itself and restores its channels, exchanges,
-    queues and consumers.
+    queues and consumers. Whatever headers a delivered message carries, decoding them
+    cannot fail the connection (shared/field_tables.py).
     """
+    field_tables.install()
     return await retry_until_connected(
         lambda: aio_pika.connect_robust(
             url,
