@@ -15,8 +15,9 @@ from aio_pika.abc import AbstractIncomingMessage
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from rich.text import Text
 
-from cli._dead_letters import DeadLetter, DeadLetterQueue, Filter, open_dead_letters
+from cli._dead_letters import DeadLetter, DeadLetterQueue, Filter, open_dead_letters, printable
 from shared.settings import get_settings
 
 app = typer.Typer(help="Inspect and act on dead letters in scores.dead.", no_args_is_help=True)
@@ -41,6 +42,14 @@ OlderOpt = Annotated[
 ]
 NewerOpt = Annotated[str | None, typer.Option(help="Only dead-lettered at most this long ago")]
 LimitOpt = Annotated[int | None, typer.Option(min=1, help="Act on at most this many")]
+IdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--id",
+        help="Only the dead letter with this id (as `dlq list` shows it): the first one "
+        "found, unless --limit says more; every other letter stays, in order",
+    ),
+]
 
 
 def _filter(
@@ -49,6 +58,7 @@ def _filter(
     project: str | None,
     older_than: str | None,
     newer_than: str | None,
+    dead_letter_id: str | None = None,
 ) -> Filter:
     return Filter(
         reason=reason,
@@ -56,7 +66,13 @@ def _filter(
         project=project,
         older_than=_duration(older_than) if older_than else None,
         newer_than=_duration(newer_than) if newer_than else None,
+        id=dead_letter_id,
     )
+
+
+def _limit(limit: int | None, dead_letter_id: str | None) -> int | None:
+    """An id names one letter: unless told otherwise, only the first with it is acted on."""
+    return 1 if limit is None and dead_letter_id is not None else limit
 
 
 Action = Callable[[AbstractIncomingMessage, DeadLetter], Awaitable[None]]
@@ -82,14 +98,16 @@ async def _pass(
     return done
 
 
-def _collector(letters: list[DeadLetter]) -> Callable[[DeadLetterQueue], Action]:
-    """An action that keeps each dead letter in letters and removes nothing."""
+def _collector(
+    keep: Callable[[DeadLetter], None],
+) -> Callable[[DeadLetterQueue], Action]:
+    """An action that hands each dead letter to keep and removes nothing."""
 
     def act(_: DeadLetterQueue) -> Action:
-        async def keep(_message: AbstractIncomingMessage, letter: DeadLetter) -> None:
-            letters.append(letter)
+        async def collect(_message: AbstractIncomingMessage, letter: DeadLetter) -> None:
+            keep(letter)
 
-        return keep
+        return collect
 
     return act
 
@@ -97,6 +115,19 @@ def _collector(letters: list[DeadLetter]) -> Callable[[DeadLetterQueue], Action]
 def _age(letter: DeadLetter, now: datetime) -> str:
     age = letter.age(now)
     return "?" if age is None else str(timedelta(seconds=int(age.total_seconds())))
+
+
+def _row(letter: DeadLetter, now: datetime) -> tuple[Text, ...]:
+    """A table row; Text, so that nothing a publisher wrote is read as console markup."""
+    cells = (
+        letter.id,
+        printable(letter.reason),
+        _age(letter, now),
+        f"{printable(letter.entity or '?')}/{printable(letter.project or '?')}",
+        str(letter.size),
+        printable(letter.detail)[:80],
+    )
+    return tuple(Text(cell) for cell in cells)
 
 
 @app.command("list")
@@ -107,39 +138,41 @@ def list_(
     older_than: OlderOpt = None,
     newer_than: NewerOpt = None,
     limit: LimitOpt = None,
+    dead_letter_id: IdOpt = None,
 ) -> None:
     """A table of dead letters: id, reason, age, entity/project, size. Nothing is removed."""
-    letters: list[DeadLetter] = []
-    selection = _filter(reason, entity, project, older_than, newer_than)
-    asyncio.run(_pass(selection, limit, _collector(letters), "reading"))
+    # Rows, not letters, are kept: a pass over many large bodies must not hold them all.
+    rows: list[tuple[Text, ...]] = []
     now = datetime.now(UTC)
+    selection = _filter(reason, entity, project, older_than, newer_than, dead_letter_id)
+    asyncio.run(
+        _pass(
+            selection,
+            _limit(limit, dead_letter_id),
+            _collector(lambda letter: rows.append(_row(letter, now))),
+            "reading",
+        )
+    )
     table = Table()
     for column in ("id", "reason", "age", "entity/project", "size"):
         table.add_column(column, no_wrap=True)
     table.add_column("detail", overflow="ellipsis", no_wrap=True)
-    for letter in letters:
-        table.add_row(
-            letter.id,
-            letter.reason,
-            _age(letter, now),
-            f"{letter.entity or '?'}/{letter.project or '?'}",
-            str(letter.size),
-            letter.detail[:80],
-        )
+    for row in rows:
+        table.add_row(*row)
     # Piped output gets a wide console, so ids are never cut (they feed `dlq show`).
     Console(width=None if sys.stdout.isatty() else 250).print(table)
-    console.print(f"{len(letters)} dead letter(s)")
+    console.print(f"{len(rows)} dead letter(s)")
 
 
 @app.command()
 def show(dead_letter_id: Annotated[str, typer.Argument(help="An id from `dlq list`")]) -> None:
     """Headers and body of one dead letter, as JSON. Nothing is removed."""
     found: list[DeadLetter] = []
-    asyncio.run(_pass(Filter(id=dead_letter_id), 1, _collector(found), "searching"))
+    asyncio.run(_pass(Filter(id=dead_letter_id), 1, _collector(found.append), "searching"))
     if not found:
-        console.print(f"no dead letter {dead_letter_id}")
+        console.print(f"no dead letter {printable(dead_letter_id)}", markup=False)
         raise typer.Exit(1)
-    typer.echo(json.dumps(found[0].to_json(), indent=2))
+    typer.echo(json.dumps(found[0].to_json(escaped_body=True), indent=2))
 
 
 def _writer(out: TextIO) -> Callable[[DeadLetterQueue], Action]:
@@ -161,9 +194,11 @@ def export(
     older_than: OlderOpt = None,
     newer_than: NewerOpt = None,
     limit: LimitOpt = None,
+    dead_letter_id: IdOpt = None,
 ) -> None:
     """Write dead letters to a JSON Lines file, one object each. Nothing is removed."""
-    selection = _filter(reason, entity, project, older_than, newer_than)
+    selection = _filter(reason, entity, project, older_than, newer_than, dead_letter_id)
+    limit = _limit(limit, dead_letter_id)
     if str(file) == "-":
         count = asyncio.run(
             _pass(selection, limit, _writer(typer.get_text_stream("stdout")), "exporting")
@@ -182,6 +217,7 @@ def replay(
     older_than: OlderOpt = None,
     newer_than: NewerOpt = None,
     limit: LimitOpt = None,
+    dead_letter_id: IdOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Only count what would be replayed")
     ] = False,
@@ -194,8 +230,8 @@ def replay(
 
         return count_only if dry_run else dead.replay
 
-    selection = _filter(reason, entity, project, older_than, newer_than)
-    count = asyncio.run(_pass(selection, limit, act, "replaying"))
+    selection = _filter(reason, entity, project, older_than, newer_than, dead_letter_id)
+    count = asyncio.run(_pass(selection, _limit(limit, dead_letter_id), act, "replaying"))
     console.print(f"{'would replay' if dry_run else 'replayed'} {count} dead letter(s)")
 
 
@@ -207,6 +243,7 @@ def purge(
     older_than: OlderOpt = None,
     newer_than: NewerOpt = None,
     limit: LimitOpt = None,
+    dead_letter_id: IdOpt = None,
     export_to: Annotated[
         Path | None, typer.Option("--export", help="First append each to this JSON Lines file")
     ] = None,
@@ -215,7 +252,7 @@ def purge(
     """Remove dead letters for good (after writing them to --export, if given)."""
     if not yes:
         typer.confirm("Remove the matching dead letters for good?", abort=True)
-    selection = _filter(reason, entity, project, older_than, newer_than)
+    selection = _filter(reason, entity, project, older_than, newer_than, dead_letter_id)
     out = export_to.open("a") if export_to else None
 
     def act(_: DeadLetterQueue) -> Action:
@@ -229,7 +266,7 @@ def purge(
         return remove
 
     try:
-        count = asyncio.run(_pass(selection, limit, act, "purging"))
+        count = asyncio.run(_pass(selection, _limit(limit, dead_letter_id), act, "purging"))
     finally:
         if out is not None:
             out.close()
