@@ -43,10 +43,20 @@ LIMIT $4 OFFSET $5
 # Exclusive per-project lock; inserts take it shared (worker/sql.py).
 LOCK_PROJECT_EXCLUSIVE = "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2, 0))"
 
+# A tombstone belongs to the id within the entity: the worker never stores it again in any
+# of the entity's projects (and never lets it keep another entity's score out). None for an
+# id stored in another project (a delete never touches another project's stored scores) or
+# that is not a UUIDv7 (no score can have it).
 INSERT_TOMBSTONES = """
-INSERT INTO score_tombstones (entity, project, score_id)
-SELECT $1, $2, unnest($3::uuid[])
-ON CONFLICT DO NOTHING
+INSERT INTO score_tombstones (score_id, entity, project)
+SELECT ids.score_id, $1, $2
+FROM unnest($3::uuid[]) AS ids (score_id)
+WHERE substr(ids.score_id::text, 15, 1) = '7'
+  AND NOT EXISTS (
+    SELECT 1 FROM scores AS s
+    WHERE s.score_id = ids.score_id AND (s.entity <> $1 OR s.project <> $2)
+  )
+ON CONFLICT (score_id, entity) DO NOTHING
 """
 
 DELETE_SCORES = """

@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     auth_cache_max_entries: int = Field(default=10_000, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
     idempotency_key_ttl_seconds: float = Field(default=24 * 3600, gt=0)
+    tombstone_ttl_seconds: float = Field(default=30 * 24 * 3600, gt=0)
     api_fast_path: bool = True
 
     worker_health_host: str = "127.0.0.1"

@@ -12,7 +12,8 @@ FROM (
 """
 
 # One statement per batch: unnest turns the column arrays back into rows; the primary key
-# makes redelivered or re-published scores no-ops, and tombstones keep deleted ones deleted.
+# makes redelivered or re-published scores no-ops, and tombstones keep deleted ids deleted
+# in every project of the entity that deleted them.
 INSERT_SCORES = """
 INSERT INTO scores (
     score_id, entity, project, prediction_id, scorer, value,
@@ -29,7 +30,7 @@ FROM unnest(
 )
 WHERE NOT EXISTS (
     SELECT 1 FROM score_tombstones AS t
-    WHERE t.entity = batch.entity AND t.project = batch.project AND t.score_id = batch.score_id
+    WHERE t.score_id = batch.score_id AND t.entity = batch.entity
 )
 ON CONFLICT (score_id) DO NOTHING
 """
@@ -39,6 +40,15 @@ DELETE FROM idempotency_keys
 WHERE ctid IN (
     SELECT ctid FROM idempotency_keys
     WHERE created_at < now() - make_interval(secs => $1)
+    LIMIT $2
+)
+"""
+
+PURGE_TOMBSTONES = """
+DELETE FROM score_tombstones
+WHERE ctid IN (
+    SELECT ctid FROM score_tombstones
+    WHERE deleted_at < now() - make_interval(secs => $1)
     LIMIT $2
 )
 """

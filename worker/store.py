@@ -57,9 +57,17 @@ class ScoreStore:
 
     async def purge_idempotency_keys(self, older_than_seconds: float, chunk: int = 10_000) -> int:
         """Forget Idempotency-Keys older than the retention period; returns how many."""
+        return await self._purge(sql.PURGE_IDEMPOTENCY_KEYS, older_than_seconds, chunk)
+
+    async def purge_tombstones(self, older_than_seconds: float, chunk: int = 10_000) -> int:
+        """Forget deletes older than the retention period; returns how many."""
+        return await self._purge(sql.PURGE_TOMBSTONES, older_than_seconds, chunk)
+
+    async def _purge(self, statement: str, older_than_seconds: float, chunk: int) -> int:
+        # A chunk per statement: no long transaction, no lock held on a large table.
         purged = 0
         while True:
-            status = await self._pool.execute(sql.PURGE_IDEMPOTENCY_KEYS, older_than_seconds, chunk)
+            status = await self._pool.execute(statement, older_than_seconds, chunk)
             deleted = int(status.rsplit(" ", 1)[-1])
             purged += deleted
             if deleted < chunk:

@@ -167,11 +167,12 @@ class ScoreWorker:
                 purged = await self._store.purge_idempotency_keys(
                     self._settings.idempotency_key_ttl_seconds
                 )
+                buried = await self._store.purge_tombstones(self._settings.tombstone_ttl_seconds)
             except Exception as exc:  # the next round tries again; scores are unaffected
-                log.warning("purging expired Idempotency-Keys failed: %s", exc)
+                log.warning("purging expired Idempotency-Keys or tombstones failed: %s", exc)
             else:
-                if purged:
-                    log.info("purged %d expired Idempotency-Keys", purged)
+                if purged or buried:
+                    log.info("purged %d expired Idempotency-Keys, %d tombstones", purged, buried)
             await asyncio.sleep(_PURGE_INTERVAL_SECONDS)
 
     async def _start(self) -> None:
