@@ -4,7 +4,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -37,6 +37,11 @@ _UNREACHABLE = (OSError, TimeoutError, PublishFailed, *CONNECTION_EXCEPTIONS)
 
 # The fields of a ScoreMessage, as the api builds them (see api.service.score_message).
 MessageFields = dict[str, Any]
+# A score as it travels: its id (a lone score's message_id) and its JSON.
+_Encoded = tuple[str, bytes]
+
+# A batch body is these around the scores' JSON, joined by commas: what to_json gives too.
+_BATCH_OPENING, _BATCH_CLOSING = b'{"scores":[', b"]}"
 
 
 class ScorePublisher:
@@ -52,7 +57,8 @@ class ScorePublisher:
         self._connection: ConfirmingPublisher | None = None
         self._connected = asyncio.Event()
         self._keeping: asyncio.Task[None] | None = None
-        self._gathered: list[tuple[MessageFields, asyncio.Future[None]]] = []
+        self._gathered: list[tuple[_Encoded, asyncio.Future[None]]] = []
+        self._gathered_bytes = 0  # of their JSON, commas and batch framing not counted
 
     def start(self) -> None:
         """Begin connecting in the background; until connected, publishes answer 503."""
@@ -100,38 +106,76 @@ class ScorePublisher:
         """Publish scores and wait for the broker's confirm; raises BrokerUnavailable.
 
         A batch request's scores go as one `score.batch.v1` message, so the broker accepts
-        or refuses them as a whole. Single scores published in the same turn of the event
-        loop (requests that arrived together) also travel as one message, like a group
-        commit: each request still answers only after the confirm of the message holding
-        its score, and no request waits for others to arrive.
+        or refuses them as a whole, unless that message would be larger than
+        BROKER_MAX_MESSAGE_BYTES: then they go as several, and the request succeeds once
+        every one is confirmed. Single scores published in the same turn of the event loop
+        (requests that arrived together) also travel as one message, like a group commit,
+        as many as fit under the same limit: each request still answers only after the
+        confirm of the message holding its score, and no request waits for others to arrive.
         """
-        outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if len(messages) == 1:
-            self._gathered.append((messages[0], outcome))
-            if len(self._gathered) == 1:
-                asyncio.get_running_loop().call_soon(self._publish_gathered)
-            elif len(self._gathered) >= MAX_BATCH_SCORES:
-                self._publish_gathered()
-        else:
-            self._publish(list(messages), [outcome])
         try:
-            await outcome
+            if len(messages) == 1:
+                outcome: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._gather(messages[0], outcome)
+                await outcome
+            else:
+                await _all_confirmed(self._publish_batch(messages))
         except PublishFailed as exc:
             raise BrokerUnavailable(str(exc)) from exc
         SCORES_ACCEPTED.inc(len(messages))
 
+    def _gather(self, score: MessageFields, outcome: asyncio.Future[None]) -> None:
+        body = to_json(score)
+        gathered = len(self._gathered)
+        if gathered and (
+            gathered >= MAX_BATCH_SCORES
+            or _batch_bytes(self._gathered_bytes + len(body), gathered + 1)
+            > self._settings.broker_max_message_bytes
+        ):
+            self._publish_gathered()  # full: this score starts the next message
+        self._gathered.append(((str(score["score_id"]), body), outcome))
+        self._gathered_bytes += len(body)
+        if len(self._gathered) == 1:
+            asyncio.get_running_loop().call_soon(self._publish_gathered)
+
     def _publish_gathered(self) -> None:
-        gathered, self._gathered = self._gathered, []
+        gathered, self._gathered, self._gathered_bytes = self._gathered, [], 0
         if gathered:
             self._publish([score for score, _ in gathered], [outcome for _, outcome in gathered])
 
-    def _publish(self, scores: list[MessageFields], outcomes: list[asyncio.Future[None]]) -> None:
+    def _publish_batch(self, scores: Sequence[MessageFields]) -> list[asyncio.Future[None]]:
+        """Publish a batch request's scores; returns the outcome of each message they took."""
+        loop = asyncio.get_running_loop()
+        limit = self._settings.broker_max_message_bytes
+        body = to_json({"scores": scores})
+        if len(body) <= limit:
+            outcome: asyncio.Future[None] = loop.create_future()
+            self._send(body, BATCH_PROPERTIES, str(new_score_id()), [outcome])
+            return [outcome]
+        # Larger than the broker takes: the scores go in several messages, so a failure can
+        # leave some stored (README: retry with an Idempotency-Key).
+        encoded = [(str(score["score_id"]), to_json(score)) for score in scores]
+        outcomes = []
+        for part in _parts(encoded, limit):
+            outcomes.append(loop.create_future())
+            self._publish(part, outcomes[-1:])
+        return outcomes
+
+    def _publish(self, scores: list[_Encoded], outcomes: list[asyncio.Future[None]]) -> None:
         if len(scores) == 1:
-            body = to_json(scores[0])
-            properties, message_id = SCORE_PROPERTIES, str(scores[0]["score_id"])
+            (message_id, body), properties = scores[0], SCORE_PROPERTIES
         else:
-            body = to_json({"scores": scores})
+            body = _BATCH_OPENING + b",".join(body for _, body in scores) + _BATCH_CLOSING
             properties, message_id = BATCH_PROPERTIES, str(new_score_id())
+        self._send(body, properties, message_id, outcomes)
+
+    def _send(
+        self,
+        body: bytes,
+        properties: MessageProperties,
+        message_id: str,
+        outcomes: list[asyncio.Future[None]],
+    ) -> None:
         # Signed, the worker stores it without validating it again (shared/signing.py).
         key = self._signing.newest
         headers = {SIGNATURE_HEADER: key.sign(properties.message_type, body)} if key else None
@@ -161,6 +205,38 @@ class ScorePublisher:
                 await self._keeping
         if self._connection is not None:
             await self._connection.close()
+
+
+def _batch_bytes(scores_bytes: int, count: int) -> int:
+    """The size of a message holding count scores of scores_bytes of JSON in all."""
+    if count == 1:
+        return scores_bytes  # a lone score travels as a score.create.v1 message
+    return len(_BATCH_OPENING) + scores_bytes + count - 1 + len(_BATCH_CLOSING)
+
+
+def _parts(encoded: list[_Encoded], limit: int) -> Iterator[list[_Encoded]]:
+    """The scores in order, cut into runs whose message stays within limit bytes.
+
+    A lone score always fits: settings require the limit to hold the largest one.
+    """
+    part: list[_Encoded] = []
+    size = 0
+    for score in encoded:
+        if part and _batch_bytes(size + len(score[1]), len(part) + 1) > limit:
+            yield part
+            part, size = [], 0
+        part.append(score)
+        size += len(score[1])
+    if part:
+        yield part
+
+
+async def _all_confirmed(outcomes: list[asyncio.Future[None]]) -> None:
+    """Wait for every message of a request; the first failure, if any, is the request's."""
+    results = await asyncio.gather(*outcomes, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _pass_on(

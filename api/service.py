@@ -4,14 +4,47 @@ import hashlib
 import json
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID
+
+from fastapi import status
 
 from api import repository
 from api.deps import ProjectScope
-from api.errors import IdempotencyKeyReused, NotFound, database_unavailable_as_503
+from api.errors import ApiError, IdempotencyKeyReused, NotFound, database_unavailable_as_503
 from api.publisher import MessageFields
 from api.schemas import ScoreCreateBody
+from shared.contract import scorer_entity_problem
 from shared.ids import new_score_id
+
+
+class ScorerOfAnotherEntity(ApiError):
+    """Scorer refs naming another entity, which only the path can tell: a 422 on the body."""
+
+    status_code = status.HTTP_422_UNPROCESSABLE_CONTENT
+
+    def __init__(self, problems: list[tuple[list[str | int], str]]) -> None:
+        super().__init__(problems[0][1])
+        self.problems = problems
+
+    def content(self) -> Any:
+        """Shaped like the body's other validation errors, one per offending score."""
+        return {
+            "detail": [
+                {"loc": loc, "msg": msg, "type": "scorer_entity"} for loc, msg in self.problems
+            ]
+        }
+
+
+def _check_scorers(entity: str, bodies: Sequence[ScoreCreateBody], kind: str) -> None:
+    problems: list[tuple[list[str | int], str]] = []
+    for index, body in enumerate(bodies):
+        problem = scorer_entity_problem(body.scorer, entity)
+        if problem is not None:
+            loc: list[str | int] = ["body", "scores", index] if kind == "batch" else ["body"]
+            problems.append(([*loc, "scorer"], problem))
+    if problems:
+        raise ScorerOfAnotherEntity(problems)
 
 
 def score_message(
@@ -51,11 +84,13 @@ async def create_scores(
     idempotency_key: str | None,
     idempotency_ttl_seconds: float,
 ) -> list[UUID]:
-    """Publish scores and return their ids once the broker has confirmed them (one message).
+    """Publish scores and return their ids once the broker has confirmed every one of them.
 
     With an Idempotency-Key, the ids are those recorded at the key's first use, so a retry
-    republishes the same scores (which the worker stores once) instead of new ones.
+    republishes the same scores (which the worker stores once) instead of new ones. A scorer
+    ref must name the path's entity (ScorerOfAnotherEntity otherwise).
     """
+    _check_scorers(scope.entity, bodies, kind)
     score_ids = [new_score_id() for _ in bodies]
     if idempotency_key is not None:
         request_hash = _request_hash(kind, bodies)

@@ -20,10 +20,12 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
+    field_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import PydanticCustomError, to_json
 
-from shared.refs import InvalidRefError, parse_weave_ref
+from shared.refs import InvalidRefError, WeaveRef, parse_weave_ref
 
 MESSAGE_TYPE: Final = "score.create.v1"
 BATCH_MESSAGE_TYPE: Final = "score.batch.v1"
@@ -35,8 +37,33 @@ MAX_SCORER_CHARS: Final = 2048
 MAX_JSON_DEPTH: Final = 64
 MAX_INT_DIGITS: Final = 1000
 MAX_BATCH_SCORES: Final = 1000
+# A score's value, as the JSON stored and published: the api's default body limit, for
+# direct publishers and batch items too.
+MAX_VALUE_BYTES: Final = 1024 * 1024
+# The most a score.create.v1 body can take: the value plus every text field at its longest
+# with every character escaped as \uXXXX (6 bytes), and the keys, id and time.
+MAX_SCORE_MESSAGE_BYTES: Final = (
+    MAX_VALUE_BYTES + 6 * (2 * MAX_NAME_CHARS + 3 * MAX_ID_CHARS + MAX_SCORER_CHARS) + 1024
+)
 
-_NAME_FORBIDDEN = re.compile(r"[/\\#?%:\x00-\x1f\x7f\ud800-\udfff]")
+# Characters no entity or project name may hold: W&B's / \ # ? % :, and every control
+# (Cc), format (Cf: bidi overrides, zero-width characters, the BOM), line and paragraph
+# separator (Zl, Zp), surrogate (Cs), private-use (Co) and noncharacter code point. A fixed
+# list rather than unicodedata, so that the api and the worker agree whatever their Python's
+# Unicode version (a test checks it against unicodedata). The JSON Schema's pattern holds
+# the Basic Multilingual Plane's part: astral ranges have no regex syntax that both
+# ECMA-262 and Python read the same.
+_NAME_FORBIDDEN_BMP = (
+    r"/\\#?%:\u0000-\u001f\u007f-\u009f\u00ad\u0600-\u0605\u061c\u06dd\u070f"
+    r"\u0890\u0891\u08e2\u180e\u200b-\u200f\u2028-\u202e\u2060-\u2064\u2066-\u206f"
+    r"\ud800-\udfff\ue000-\uf8ff\ufdd0-\ufdef\ufeff\ufff9-\ufffb\ufffe\uffff"
+)
+_NAME_FORBIDDEN_ASTRAL = (
+    r"\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    r"\U000e0001\U000e0020-\U000e007f\U000f0000-\U0010ffff"
+    + "".join(f"\\U{plane:04x}fffe\\U{plane:04x}ffff" for plane in range(1, 15))
+)
+_NAME_FORBIDDEN = re.compile(f"[{_NAME_FORBIDDEN_BMP}{_NAME_FORBIDDEN_ASTRAL}]")
 _TEXT_FORBIDDEN = re.compile(r"[\x00\ud800-\udfff]")
 _MAX_INT = 10**MAX_INT_DIGITS
 
@@ -46,8 +73,14 @@ def _check_name(value: str) -> str:
     # Cached: a project's scores, and every score of a batch, share their entity and project.
     if _NAME_FORBIDDEN.search(value):
         raise PydanticCustomError(
-            "name_chars", "must not contain / \\ # ? % : or control characters"
+            "name_chars",
+            "must not contain / \\ # ? % :, or control, format, line or paragraph separator, "
+            "surrogate, private-use or noncharacter code points",
         )
+    if value[:1].isspace() or value[-1:].isspace():
+        raise PydanticCustomError("name_whitespace", "must not start or end with whitespace")
+    if value in (".", ".."):
+        raise PydanticCustomError("name_dots", 'must not be "." or ".."')
     return value
 
 
@@ -85,24 +118,36 @@ def _check_utc_representable(value: datetime) -> datetime:
 
 def _check_scorer(value: str) -> str:
     _check_text(value)
-    problem = _scorer_problem(value)
-    if problem is not None:
+    parsed = _parse_scorer(value)
+    if isinstance(parsed, str):
         raise PydanticCustomError(
             "weave_ref",
             "must be a Weave object or op reference "
-            f"(weave:///<entity>/<project>/object|op/<name>:<digest>): {problem}",
+            f"(weave:///<entity>/<project>/object|op/<name>:<digest>): {parsed}",
         )
     return value
 
 
 @lru_cache(maxsize=4096)
-def _scorer_problem(value: str) -> str | None:
+def _parse_scorer(value: str) -> WeaveRef | str:
+    """The parsed ref, or what is wrong with it."""
     # Cached: the scores of an evaluation, and of a batch, nearly always share their scorer.
     try:
-        parse_weave_ref(value)
+        return parse_weave_ref(value)
     except InvalidRefError as exc:
         return str(exc)
-    return None
+
+
+def scorer_entity_problem(scorer: str, entity: str) -> str | None:
+    """Why a valid scorer ref may not be used by a score of entity, or None if it may.
+
+    A scorer is the entity's own: a ref may name any of its projects, never another
+    entity's object, which a score would otherwise link to across tenants.
+    """
+    parsed = _parse_scorer(scorer)
+    if isinstance(parsed, str) or parsed.entity == entity:
+        return None
+    return f"must name an object or op of entity {entity!r}, not of {parsed.entity!r}"
 
 
 class _Unstorable(Exception):
@@ -171,10 +216,18 @@ def _check_storable_json(value: Any) -> Any:
         # The message is built here, not by pydantic's template: the path quotes the client's
         # own object keys, which may contain {placeholders}.
         raise PydanticCustomError("unstorable_json", f"value{exc.path}: {exc.problem}") from None
+    # Measured as published and stored, not as received: numbers can take several times the
+    # bytes they came in (1e15 is 1000000000000000.0).
+    size = len(to_json(value))
+    if size > MAX_VALUE_BYTES:
+        raise PydanticCustomError(
+            "value_too_large",
+            f"takes {size} bytes as JSON, more than the {MAX_VALUE_BYTES} a value may take",
+        )
     return value
 
 
-_NAME_PATTERN = r"^[^/\\#?%:\u0000-\u001f\u007f]+$"
+_NAME_PATTERN = rf"^(?!\.\.?$)(?!\s)(?!.*\s$)[^{_NAME_FORBIDDEN_BMP}]+$"
 _TEXT_PATTERN = r"^[^\u0000]+$"
 
 _Name = Annotated[
@@ -206,7 +259,8 @@ StorableJson = Annotated[
     Field(
         description=(
             "The raw output of the scorer: any JSON value PostgreSQL jsonb can store "
-            f"(no NUL characters, finite numbers, nested at most {MAX_JSON_DEPTH} levels)"
+            f"(no NUL characters, finite numbers, nested at most {MAX_JSON_DEPTH} levels), "
+            f"at most {MAX_VALUE_BYTES} bytes as compact JSON"
         )
     ),
 ]
@@ -230,6 +284,15 @@ class ScoreMessage(BaseModel):
         description="When the API accepted the score (UTC)"
     )
     created_by: Identifier = Field(description="Id of the API key that created the score")
+
+    @field_validator("scorer")
+    @classmethod
+    def _scorer_of_the_entity(cls, scorer: str, info: ValidationInfo) -> str:
+        entity = info.data.get("entity")  # absent when the entity itself was invalid
+        problem = None if entity is None else scorer_entity_problem(scorer, entity)
+        if problem is not None:
+            raise PydanticCustomError("scorer_entity", problem)
+        return scorer
 
 
 class ScoreBatchMessage(BaseModel):

@@ -6,6 +6,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.contract import MAX_SCORE_MESSAGE_BYTES
+
 MIB = 1024 * 1024
 
 
@@ -42,6 +44,9 @@ class Settings(BaseSettings):
     queue_max_length: int = Field(default=5_000_000, ge=1)
     queue_max_length_bytes: int = Field(default=4 * 1024 * MIB, ge=MIB)
     queue_delivery_limit: int = Field(default=20, ge=1)
+    # At most the broker's max_message_size; at least one score's largest message, so that
+    # splitting can always keep a message under it.
+    broker_max_message_bytes: int = Field(default=16 * MIB, ge=MAX_SCORE_MESSAGE_BYTES)
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"

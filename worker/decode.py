@@ -116,15 +116,19 @@ def decode_scores(
 def _signed_rows(body: bytes, batch: bool) -> list[ScoreRow] | None:
     """The rows of a body the api validated and signed, as ScoreMessage would give them.
 
-    The api publishes every field, in the forms pydantic serialises them to; None if the
-    body is not in that shape after all (then it is validated in full). The shape is
-    checked, cheaply, so that even a body signed by mistake can only reach PostgreSQL with
-    the types its columns take.
+    The api publishes every field and no other, in the forms pydantic serialises them to;
+    None if the body is not in that shape after all (then it is validated in full, which
+    refuses a field the contract does not know). The shape is checked, cheaply, so that
+    even a body signed by mistake can only reach PostgreSQL with the types its columns take.
     """
     rows = []
     try:
         parsed: Any = from_json(body)
+        if batch and len(parsed) != 1:  # a field beside "scores"
+            return None
         for item in parsed["scores"] if batch else (parsed,):
+            if len(item) != len(ScoreRow._fields):  # every field is read below: any more is unknown
+                return None
             score_id, entity, project = item["score_id"], item["entity"], item["project"]
             prediction_id, scorer, created_by = (
                 item["prediction_id"],

@@ -132,8 +132,10 @@ async def test_keys_are_scoped_to_the_project(
     other_project = await _post(
         client, api_key, "shared-key", body, f"/v2/{ENTITY}/{OTHER_PROJECT}/scores"
     )
+    # The same score of entity OTHER_ENTITY, with a scorer of its own.
+    their_body = score_body(scorer=f"weave:///{OTHER_ENTITY}/{PROJECT}/op/exact_match:abc123")
     other_entity = await _post(
-        client, globex_key, "shared-key", body, f"/v2/{OTHER_ENTITY}/{PROJECT}/scores"
+        client, globex_key, "shared-key", their_body, f"/v2/{OTHER_ENTITY}/{PROJECT}/scores"
     )
     different_body = await _post(
         client, api_key, "shared-key", score_body(value=7), f"/v2/{ENTITY}/third/scores"

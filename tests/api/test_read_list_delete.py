@@ -60,9 +60,9 @@ async def _create(
     project: str = PROJECT,
     **overrides: object,
 ) -> str:
-    response = await client.post(
-        _url(entity, project), json=score_body(**overrides), headers=basic_auth(api_key)
-    )
+    # A scorer must be the entity's own.
+    body = score_body(**{"scorer": f"weave:///{entity}/{project}/op/f:1", **overrides})
+    response = await client.post(_url(entity, project), json=body, headers=basic_auth(api_key))
     assert response.status_code == 200, response.text
     score_id: str = response.json()["score_id"]
     return score_id

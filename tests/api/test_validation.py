@@ -300,7 +300,7 @@ VALID_EDGES: dict[str, bytes] = {
     "scorer with extra path": _raw(
         score_body(scorer=f"{SCORER_PREFIX}judge:abc/attr/rubric/key/en/index/-1/id/x")
     ),
-    "scorer of another project": _raw(score_body(scorer="weave:///other/place/op/f:1")),
+    "scorer of another project": _raw(score_body(scorer=f"weave:///{ENTITY}/place/op/f:1")),
     "evaluation_run_id null": _raw(score_body(evaluation_run_id=None)),
     "value nested 64 deep": _raw(score_body(value=_nested(64))),
     "value null": _raw(score_body(value=None)),
@@ -334,7 +334,9 @@ async def test_longest_names_are_accepted(
     entity = "e" * 128
     _, key = await create_key(db, entity)
     response = await client.post(
-        f"/v2/{entity}/{'p' * 128}/scores", json=score_body(), headers=basic_auth(key)
+        f"/v2/{entity}/{'p' * 128}/scores",
+        json=score_body(scorer=f"weave:///{entity}/evals/op/f:1"),
+        headers=basic_auth(key),
     )
     assert response.status_code == 200, response.text
 

@@ -53,7 +53,7 @@ def test_shipped_schema_is_generated_from_the_model() -> None:
         {"value": nested(MAX_JSON_DEPTH)},
         {"value": {"tab\tkey": "line\nbreak ☃ 🎯"}},
         {"evaluation_run_id": "run-1"},
-        {"scorer": "weave:///other/proj/object/judge:d/attr/x/index/0"},
+        {"scorer": "weave:///acme/proj/object/judge:d/attr/x/index/0"},
     ],
 )
 def test_valid_messages_pass_the_model_and_the_schema(overrides: dict[str, Any]) -> None:

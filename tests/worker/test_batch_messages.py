@@ -100,7 +100,12 @@ async def test_a_batch_message_of_n_scores_becomes_n_rows_with_every_column(
         *many(47, "a"),
         score_message(value={"text": "héllo ✓ 🎉", "n": [1, 2.5, None, True]}),
         score_message(value=10**30, evaluation_run_id=None),
-        score_message(value=None, entity="other", project="proj-2"),
+        score_message(
+            value=None,
+            entity="other",
+            project="proj-2",
+            scorer="weave:///other/proj-2/op/exact_match:abc123",
+        ),
     ]
     async with connect_broker(settings) as broker:
         async with running_worker(settings) as worker:

@@ -7,10 +7,10 @@ runs), or are built and signed here with the keys in the database, exactly as th
 (api/publisher.py: pydantic_core.to_json of the message fields, HMAC of type and body).
 
 The worker's shortcut is only observable in one way from outside: a message it can verify is
-not validated again, so a body that is storable but breaks the contract (an extra field) is
-stored when signed with a key the worker knows, and dead-lettered as a schema violation
-otherwise. The api never publishes such a body; the tests use it as a probe of which path a
-message took.
+not validated again, so a body that is storable but breaks the contract (a scorer of another
+entity) is stored when signed with a key the worker knows, and dead-lettered as a schema
+violation otherwise. The api never publishes such a body; the tests use it as a probe of
+which path a message took.
 """
 
 import asyncio
@@ -170,8 +170,9 @@ def copy_of(taken: AbstractIncomingMessage, *, keep_signature: bool) -> aio_pika
 
 
 def probe(**changes: Any) -> dict[str, Any]:
-    """A storable score that breaks the contract (an extra field): stored only if trusted."""
-    return score_fields(**changes, probe="not in the contract")
+    """A storable score that breaks the contract (its scorer is entity "probe"'s, which the
+    dead letter's detail names): stored only if trusted."""
+    return score_fields(**{"scorer": "weave:///probe/evals/op/probe:1", **changes})
 
 
 def collecting(settings: Settings, seconds: float = 0.5) -> Settings:
