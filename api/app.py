@@ -13,9 +13,9 @@ from api.deps import Services
 from api.errors import install_error_handlers
 from api.fast_path import ScoreCreateFastPath
 from api.keys import KeyVerifier
-from api.limits import BodySizeLimitMiddleware
 from api.metrics import RequestContextMiddleware
 from api.publisher import ScorePublisher
+from api.request_gate import RequestGate
 from api.routes import health, scores
 from shared.settings import Settings, get_settings
 from shared.signing import KeyRing
@@ -65,12 +65,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Durable ingestion for Weave scores.",
         lifespan=lifespan,
         telemetry=NO_OPENTELEMETRY,
+        # A trailing slash is a 404, not a redirect: Starlette builds its Location from the
+        # Host header, which makes an open redirect.
+        redirect_slashes=False,
     )
-    # Innermost first: the fast path sees requests already limited, counted and tagged.
+    # Innermost first: the fast path sees requests already checked (path, key, size),
+    # counted and tagged.
     if settings.api_fast_path:
         app.add_middleware(ScoreCreateFastPath)
     app.add_middleware(
-        BodySizeLimitMiddleware,
+        RequestGate,
         max_bytes=settings.max_body_bytes,
         max_batch_bytes=settings.max_batch_body_bytes,
     )

@@ -1,53 +1,50 @@
-"""Request body size limit, enforced while the body is read, before any parsing."""
+"""The request body size limit, and helpers to look at a request and replay its body."""
 
-import json
+from fastapi import status
+from starlette.types import Message, Receive, Scope
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from api.errors import ApiError
 
 
-class BodySizeLimitMiddleware:
-    """Answer 413 to any request whose body exceeds its limit, declared or streamed.
+class BodyTooLarge(ApiError):
+    """The body is larger than its limit, as declared or as it arrived."""
 
-    Batch requests (paths ending in /batch) get their own, larger limit.
-    """
+    status_code = status.HTTP_413_CONTENT_TOO_LARGE
 
-    def __init__(self, app: ASGIApp, max_bytes: int, max_batch_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-        self.max_batch_bytes = max_batch_bytes
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body is larger than the limit of {limit} bytes")
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Refuse a declared length over the limit at once; count a chunked body as it comes,
-        then hand it on as one message."""
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.max_batch_bytes if scope["path"].endswith("/batch") else self.max_bytes
-        declared = header(scope, b"content-length")
-        if declared is not None and declared.isdigit():
-            if int(declared) > limit:
-                await _too_large(send, limit)
-                return
-            # The server reads exactly the declared length, never more: nothing to count.
-            await self.app(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                await self.app(scope, replay([message], receive), send)
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                await _too_large(send, limit)
-                return
+    def headers(self) -> dict[str, str]:
+        """The rest of the body is not read: the connection cannot carry another request."""
+        return {"Connection": "close"}
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body arrived whole (or the server cut it off)."""
+
+
+async def read_body(scope: Scope, receive: Receive, limit: int) -> Message:
+    """The request's whole body as one message, read only while it stays within limit;
+    raises BodyTooLarge (a declared length over the limit is refused unread) or ClientGone."""
+    declared = header(scope, b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        if not message.get("more_body", False):
+            if not chunks:
+                return message
             chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, replay([body], receive), send)
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        chunks.append(chunk)
 
 
 def header(scope: Scope, name: bytes) -> bytes | None:
@@ -56,24 +53,6 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
-
-
-async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {"detail": f"request body is larger than the limit of {limit} bytes"}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 def replay(messages: list[Message], receive: Receive) -> Receive:

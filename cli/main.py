@@ -16,6 +16,7 @@ import uvicorn
 import uvloop
 
 from api.app import create_app
+from api.http_server import ConnectionLimits, http_protocol
 from cli import dlq, keys, signing_keys
 from shared.contract import BATCH_MESSAGE_TYPE, MESSAGE_TYPE, message_json_schema
 from shared.db import migrate as apply_migrations
@@ -58,6 +59,11 @@ def api(
         log_level=settings.log_level.lower(),
         log_config=None,
         timeout_graceful_shutdown=math.ceil(settings.publish_timeout_seconds) + 1,
+        # Our protocol: uvicorn's httptools one with header and body deadlines, a header
+        # size limit and a bound on connections (api/http_server.py).
+        http=http_protocol(ConnectionLimits.from_settings(settings)),
+        # The api has no WebSocket routes; an upgrade would leave the protocol's limits.
+        ws="none",
     )
 
 

@@ -287,7 +287,8 @@ def _b64(text: str) -> str:
 class Case:
     """One request, the status both apps must answer it with, and whether the fast-path
     app hands it on to FastAPI's routing (False: answered before, by the fast path itself
-    or, for a body over the limit, by the body size limit)."""
+    or, for a path, key, charset or size it refuses before reading the body, by the
+    request gate)."""
 
     status: int
     handed_on: bool
@@ -314,9 +315,10 @@ def handed_on(status: int, body: bytes = VALID, headers: Headers = VALID_KEY) ->
     return Case(status, True, headers, body)
 
 
-def kept(status: int, headers: Headers, outage: Outage | None = None) -> Case:
-    """A valid body that the fast path answers with status, not 200: the key, or an outage."""
-    return Case(status, False, headers, outage=outage)
+def kept(status: int, headers: Headers, outage: Outage | None = None, body: bytes = VALID) -> Case:
+    """A POST to the create path answered with status before FastAPI: its key or charset
+    (by the request gate, before the body is read), or an outage."""
+    return Case(status, False, headers, body, outage=outage)
 
 
 def _with_key(key: Callable[[Keys], str], auth: Callable[[str], dict[str, str]]) -> Headers:
@@ -346,16 +348,12 @@ CASES: dict[str, Case] = {
         _authorization(lambda k: f"Basic !{_b64('api:' + k.valid)}!")
     ),
     # Keys that fail: in the header (FastAPI's HTTPBasic/HTTPBearer refuse it), or the key.
-    "no authorization": handed_on(401, headers=lambda k: dict(JSON_TYPE)),
-    "basic not base64": handed_on(401, headers=_authorization(lambda k: "Basic !!!not-base64!!!")),
-    "basic without colon": handed_on(
-        401, headers=_authorization(lambda k: f"Basic {_b64(k.valid)}")
-    ),
-    "basic not ascii": handed_on(
-        401, headers=_authorization(lambda k: f"Basic {_b64('api:' + k.valid + 'é')}")
-    ),
-    "empty bearer": handed_on(401, headers=_authorization(lambda k: "Bearer ")),
-    "unknown scheme": handed_on(401, headers=_authorization(lambda k: "Token x")),
+    "no authorization": kept(401, lambda k: dict(JSON_TYPE)),
+    "basic not base64": kept(401, _authorization(lambda k: "Basic !!!not-base64!!!")),
+    "basic without colon": kept(401, _authorization(lambda k: f"Basic {_b64(k.valid)}")),
+    "basic not ascii": kept(401, _authorization(lambda k: f"Basic {_b64('api:' + k.valid + 'é')}")),
+    "empty bearer": kept(401, _authorization(lambda k: "Bearer ")),
+    "unknown scheme": kept(401, _authorization(lambda k: "Token x")),
     "basic, empty password": kept(401, _with_key(lambda k: "", basic_auth)),
     "unknown key": kept(401, _with_key(lambda k: UNKNOWN_KEY, bearer_auth)),
     "malformed key": kept(401, _with_key(lambda k: "not-an-api-key", basic_auth)),
@@ -381,25 +379,64 @@ CASES: dict[str, Case] = {
     "empty content type": handed_on(422, headers=_valid_key("")),
     "text/plain": handed_on(422, headers=_valid_key("text/plain")),
     "form urlencoded": handed_on(422, headers=_valid_key("application/x-www-form-urlencoded")),
-    "entity with a colon": Case(422, True, path=f"/v2/ac:me/{PROJECT}/scores"),
-    "entity with a percent": Case(422, True, path=f"/v2/ac%25me/{PROJECT}/scores"),
-    "entity of 129 characters": Case(422, True, path=f"/v2/{'e' * 129}/{PROJECT}/scores"),
-    "project with a control character": Case(422, True, path=f"/v2/{ENTITY}/ev%01als/scores"),
-    # FastAPI checks the key before it validates a decoded body, but decodes it first.
-    "invalid body, unknown key": handed_on(
-        401, _json(score_body(scorer="nope")), _with_key(lambda k: UNKNOWN_KEY, bearer_auth)
+    # Names are checked before the key, as FastAPI's route checks them, but by the request
+    # gate, before the body is read.
+    "entity with a colon": Case(422, False, path=f"/v2/ac:me/{PROJECT}/scores"),
+    "entity with a percent": Case(422, False, path=f"/v2/ac%25me/{PROJECT}/scores"),
+    "entity of 129 characters": Case(422, False, path=f"/v2/{'e' * 129}/{PROJECT}/scores"),
+    "project with a control character": Case(422, False, path=f"/v2/{ENTITY}/ev%01als/scores"),
+    "both names invalid, no key": Case(
+        422, False, lambda k: dict(JSON_TYPE), path="/v2/ac:me/ev%01als/scores"
     ),
-    "invalid body, key of another entity": handed_on(
-        403, b"[]", _with_key(lambda k: k.other_entity, basic_auth)
+    # Percent-escapes that are not UTF-8 would be read as U+FFFD: another path's project.
+    "project not UTF-8": Case(422, False, path=f"/v2/{ENTITY}/%ff%fe/scores"),
+    "entity not UTF-8": Case(422, False, path=f"/v2/ac%c3me/{PROJECT}/scores"),
+    "project not UTF-8, batch": Case(
+        422, False, body=_json({"scores": [score_body()]}), path=f"/v2/{ENTITY}/%ff/scores/batch"
     ),
-    "invalid json, no key": handed_on(422, b"{", lambda k: dict(JSON_TYPE)),
+    "project not UTF-8, GET": Case(
+        422, False, body=b"", method="GET", path=f"/v2/{ENTITY}/%ff/scores"
+    ),
+    "percent-encoded UTF-8 project": created(path=f"/v2/{ENTITY}/%C3%A9vals/scores"),
+    # The key is checked before the body is read: a body is never decoded for a bad key.
+    "invalid body, unknown key": kept(
+        401, _with_key(lambda k: UNKNOWN_KEY, bearer_auth), body=_json(score_body(scorer="nope"))
+    ),
+    "invalid body, key of another entity": kept(
+        403, _with_key(lambda k: k.other_entity, basic_auth), body=b"[]"
+    ),
+    "invalid json, no key": kept(401, lambda k: dict(JSON_TYPE), body=b"{"),
+    "body over the limit, no key": kept(
+        401, lambda k: dict(JSON_TYPE), body=_json(score_body(value="x" * 1024 * 1024))
+    ),
+    # Bodies are read as UTF-8 only: another charset is refused, after the key.
+    "charset latin-1": kept(415, _valid_key("application/json; charset=latin-1")),
+    "charset utf-16": kept(415, _valid_key("application/json; charset=utf-16")),
+    "quoted charset iso-8859-1": kept(415, _valid_key('application/json; charset="ISO-8859-1"')),
+    "text/plain, charset latin-1": kept(415, _valid_key("text/plain; charset=latin-1")),
+    "charset latin-1, unknown key": kept(
+        401,
+        lambda k: {**bearer_auth(UNKNOWN_KEY), "Content-Type": "application/json; charset=latin-1"},
+    ),
+    "charset latin-1, batch": Case(
+        415,
+        False,
+        _valid_key("application/json; charset=latin-1"),
+        _json({"scores": [score_body()]}),
+        path=f"{URL}/batch",
+    ),
+    "charset UTF8": created(_valid_key("application/json; charset=UTF8")),
+    "quoted charset utf-8": created(_valid_key('application/json; charset="utf-8"')),
+    "charset us-ascii": created(_valid_key("application/json; charset=US-ASCII")),
     "+json content type": Case(200, True, _valid_key("application/vnd.api+json"), published=1),
     # The second app's request reuses the first's key: the same score id, published again.
     "idempotency key": Case(200, True, _valid_key(**{"Idempotency-Key": "retry-1"}), published=1),
     "invalid idempotency key": handed_on(422, headers=_valid_key(**{"Idempotency-Key": "a b"})),
     "body over the limit": Case(413, False, body=_json(score_body(value="x" * 1024 * 1024))),
     # Near the create path, but not it.
-    "trailing slash": Case(307, True, path=f"{URL}/"),
+    # No redirect (its Location would be built from the Host header): not found.
+    "trailing slash": Case(404, True, path=f"{URL}/"),
+    "trailing slash, batch": Case(404, True, path=f"{URL}/batch/"),
     "batch": Case(
         200,
         True,
@@ -427,7 +464,7 @@ CASES: dict[str, Case] = {
     "database down, malformed key": kept(
         401, _with_key(lambda k: "not-an-api-key", basic_auth), Outage.DATABASE
     ),
-    "database down, invalid body": replace(handed_on(503, b"[]"), outage=Outage.DATABASE),
+    "database down, invalid body": kept(503, VALID_KEY, Outage.DATABASE, body=b"[]"),
 }
 
 
