@@ -14,8 +14,12 @@ from bench._services import BenchError, tool
 # nest); exclusive shares give each sample to the innermost component on it, so they add up.
 COMPONENTS: dict[str, tuple[str, ...]] = {
     "uvicorn HTTP protocol (httptools)": ("uvicorn/protocols/http/",),
+    "connection limits (api/http_server.py)": ("api/http_server.py",),
     "RequestContextMiddleware (request id, metrics)": ("api/metrics.py",),
-    "BodySizeLimitMiddleware": ("api/limits.py",),
+    "request gate: names, key, charset, body read (api/request_gate.py)": (
+        "api/request_gate.py",
+        "api/limits.py",
+    ),
     "fast path (api/fast_path.py): headers, body, response": ("api/fast_path.py",),
     "Starlette/FastAPI routing and handler": ("starlette/routing.py", "fastapi/routing.py"),
     "FastAPI dependency resolution": ("fastapi/dependencies/utils.py",),
