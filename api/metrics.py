@@ -38,6 +38,8 @@ PUBLISH_FAILURES = Counter(
 
 _REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# nginx's code for a request whose client went away before it was answered.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class RequestContextMiddleware:
@@ -56,11 +58,13 @@ class RequestContextMiddleware:
         token = request_id.set(current)
         started = time.perf_counter()
         status = 500
+        answered = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
+                answered = True
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", current.encode()),
@@ -69,6 +73,10 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+            if status == 500 and not answered:
+                # The app returned without answering: the client left, or the server cut off
+                # a body that stopped arriving (and answered 408 itself). Not a server error.
+                status = CLIENT_CLOSED_REQUEST
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")

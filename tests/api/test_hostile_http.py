@@ -290,6 +290,10 @@ async def test_a_body_that_does_not_arrive_in_time_is_408(
         # The deadline is for arriving, not for being answered: a whole body in time is fine.
         async with httpx.AsyncClient(base_url=api.base_url, timeout=5) as http:
             assert (await http.post(URL, content=BODY, headers=headers)).status_code == 200
+            # Counted as requests whose client went away (499), not as server errors.
+            metrics = (await http.get("/metrics")).text
+        assert 'status="500"' not in metrics
+        assert 'status="499"' in metrics
 
 
 # --- Connections: a bound that idle ones cannot fill ---------------------------------------
