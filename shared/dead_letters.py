@@ -21,6 +21,10 @@ class DeadLetterReason(StrEnum):
     UNSUPPORTED_CONTENT_TYPE = "unsupported_content_type"
     UNSUPPORTED_MESSAGE_TYPE = "unsupported_message_type"
     STORAGE_REJECTED = "storage_rejected"
+    # Properties the client library cannot turn into a message.
+    INVALID_PROPERTIES = "invalid_properties"
+    # Anything else that failed on this message alone: isolated rather than retried forever.
+    UNPROCESSABLE = "unprocessable"
 
 
 def copy_with_headers(message: AbstractIncomingMessage, headers: HeadersType) -> aio_pika.Message:

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     worker_flush_interval_seconds: float = Field(default=0.02, ge=0)
     worker_retry_max_seconds: float = Field(default=5.0, gt=0)
     worker_shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    worker_stall_seconds: float = Field(default=30.0, gt=0)
 
     queue_max_length: int = Field(default=5_000_000, ge=1)
     queue_max_length_bytes: int = Field(default=4 * 1024 * MIB, ge=MIB)

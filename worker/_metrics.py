@@ -44,3 +44,27 @@ MESSAGES_DECODED = Counter(
     "Messages decoded, by how: `signature` (signed by the api, parsed only) or `validation`",
     ["check"],
 )
+DEAD_LETTER_FALLBACKS = Counter(
+    "score_ingest_dead_letter_fallbacks_total",
+    "Messages rejected to the queue's dead-letter exchange because publishing their dead "
+    "letter failed (they reach scores.dead without our reason headers)",
+)
+HELD_BYTES = Gauge(
+    "score_ingest_worker_held_bytes",
+    "Bytes of delivered messages not yet settled, as budgeted against WORKER_PREFETCH_BYTES",
+)
+HELD_MESSAGES = Gauge("score_ingest_worker_held_messages", "Delivered messages not yet settled")
+CONNECTION_LOSSES = Counter(
+    "score_ingest_consumer_connection_losses_total",
+    "Consuming connections lost, by cause: `broker` (it closed them: shutdown, operator) or "
+    "`unexplained` (then the worker takes one message at a time for a while)",
+    ["cause"],
+)
+CAUTIOUS = Gauge(
+    "score_ingest_worker_cautious",
+    "1 while the worker takes one message at a time after an unexplained connection loss",
+)
+REDELIVERED = Counter(
+    "score_ingest_messages_redelivered_total",
+    "Deliveries of messages delivered before (to this worker or another)",
+)

@@ -6,7 +6,6 @@ import logging
 import signal
 import time
 from collections import deque
-from collections.abc import Awaitable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -14,11 +13,11 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError, DeliveryError
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from shared import field_tables
 from shared.broker import connect_until_ready
 from shared.dead_letters import (
     DETAIL_HEADER,
@@ -31,16 +30,17 @@ from shared.dead_letters import (
 from shared.settings import Settings
 from shared.signing import KeyRing
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE, ROUTING_KEY, declare_topology
+from worker._consumer import Consumer, Delivery, held_size
 from worker._health import HealthServer
 from worker._metrics import (
     BATCH_SIZE,
     CONSUMER_LAG_SECONDS,
     DATABASE_RETRIES,
+    DEAD_LETTER_FALLBACKS,
     DEAD_LETTERED,
     DUPLICATES_SKIPPED,
     INSERT_SECONDS,
     PERSIST_LAG_SECONDS,
-    PREFETCH,
     QUEUE_DEPTH,
     SCORES_PERSISTED,
 )
@@ -56,6 +56,10 @@ _QUEUE_DEPTH_INTERVAL_SECONDS = 5
 _YIELD_EVERY_SCORES = 250
 _STORES_IN_FLIGHT = 2
 _FIRST_PREFETCH = 64
+# The window is fitted so that a full one takes a quarter of the byte budget: with the
+# hysteresis of _fit_prefetch at most half. The rest absorbs messages larger than the
+# recent ones before the byte gate (worker/_consumer.py) has to hold the broker back.
+_WINDOW_SHARE_OF_BUDGET = 4
 _CLOSE_SECONDS = 2
 
 
@@ -70,21 +74,24 @@ class ScoreWorker:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        # None is the stop signal; the prefetch window bounds how much can queue up here.
-        self._inbox: asyncio.Queue[AbstractIncomingMessage | None] = asyncio.Queue()
+        # None is the stop signal; the prefetch window and the byte budget bound how much
+        # can queue up here.
+        self._inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._stopping = False
+        # Declares the topology, publishes dead letters and polls queue depths; consuming
+        # has a connection of its own (worker/_consumer.py).
         self._connection: AbstractRobustConnection | None = None
+        self._consumer = Consumer(settings, QUEUE, self._inbox.put_nowait)
         self._pool: asyncpg.Pool | None = None
         self._store: ScoreStore | None = None
         self._signing: KeyRing | None = None
-        self._queue: AbstractQueue | None = None
-        self._consumer_tag: str | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
         self._dead_letter_channel: AbstractChannel | None = None
         self._health = HealthServer(
             settings.worker_health_host, settings.worker_health_port, self._is_ready
         )
-        self._prefetch = settings.worker_prefetch
+        self._consuming: asyncio.Task[None] | None = None
+        self._wanted_window = min(settings.worker_prefetch, _FIRST_PREFETCH)
         self._fitted = False
         self.persisted = 0
         self.duplicates = 0
@@ -134,9 +141,19 @@ class ScoreWorker:
             await self._close()
 
     async def _is_ready(self) -> bool:
-        """Ready: the broker connection is up (not reconnecting) and PostgreSQL answers."""
+        """Ready: consuming (not reconnecting), able to publish dead letters (that connection
+        is not reconnecting either), not stalled, and PostgreSQL answers.
+
+        Stalled: holding delivered messages without having stored or dead-lettered any for
+        WORKER_STALL_SECONDS, whatever the cause (PostgreSQL stuck, a batch it keeps
+        refusing, the broker holding acks back).
+        """
         connection = self._connection
         if connection is None or connection.is_closed or not connection.connected.is_set():
+            return False
+        if not self._consumer.connected:
+            return False
+        if self._consumer.stalled_for() > self._settings.worker_stall_seconds:
             return False
         if self._pool is None:
             return False
@@ -187,24 +204,21 @@ class ScoreWorker:
         # Unread (PostgreSQL down), every message is validated until the next refresh.
         await self._signing.try_refresh()
         self._connection = await connect_until_ready(
-            settings.amqp_url, "score-ingest-worker", settings.publish_timeout_seconds
+            settings.amqp_url, "score-ingest-worker-publisher", settings.publish_timeout_seconds
         )
-        channel = await self._connection.channel()
-        # A small first window: until the first batch shows how big messages are, a full
-        # WORKER_PREFETCH of batch messages could be hundreds of megabytes.
-        self._prefetch = min(settings.worker_prefetch, _FIRST_PREFETCH)
-        await channel.set_qos(prefetch_count=self._prefetch)
-        PREFETCH.set(self._prefetch)
-        topology = await declare_topology(channel, settings)
+        topology = await declare_topology(await self._connection.channel(), settings)
         self._dead_letter_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
         self._dead_letter_exchange = await self._dead_letter_channel.get_exchange(
             topology.dead_letter_exchange.name
         )
-        self._queue = topology.queue
         await self._health.start()
-        self._consumer_tag = await self._queue.consume(self._inbox.put)
+        # A small first window: until the first batch shows how big messages are, a full
+        # WORKER_PREFETCH of batch messages could be hundreds of megabytes.
+        self._consumer.fit(self._wanted_window)
+        self._consuming = asyncio.create_task(self._consumer.run())
+        await self._consumer.wait_connected()
         log.info("worker consuming %s", QUEUE, extra={"health_port": self._health.port})
 
     async def _collect_batch(self) -> list[_Taken]:
@@ -224,8 +238,9 @@ class ScoreWorker:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.worker_flush_interval_seconds
         # At most a quarter of the prefetch window in messages, so that the broker keeps
-        # sending while a batch is stored.
-        most_messages = max(1, self._prefetch // 4)
+        # sending while a batch is stored (one message while isolating a culprit).
+        window = 1 if self._consumer.cautious else self._wanted_window
+        most_messages = max(1, window // 4)
         next_yield = _YIELD_EVERY_SCORES
         while scores < self._settings.worker_batch_size and len(batch) < most_messages:
             if self._inbox.empty():
@@ -250,47 +265,41 @@ class ScoreWorker:
         return batch
 
     async def _fit_prefetch(self, batch: list[_Taken]) -> None:
-        """Keep the bytes the broker may send ahead near WORKER_PREFETCH_BYTES.
+        """Fit the prefetch count to the size of recent messages, between 2 and WORKER_PREFETCH.
 
         AMQP's prefetch counts messages, and a score.batch.v1 message can be a thousand times
-        the size of a single score, so the count follows the size of recent messages:
-        between 2 and WORKER_PREFETCH. Memory stays bounded whichever kind is queued.
+        the size of a single score, so the count follows the size of recent messages, for a
+        window of a quarter of WORKER_PREFETCH_BYTES. That keeps what the broker sends ahead
+        small; the bound itself is the consumer's byte gate, whatever the sizes.
         """
-        if not batch or self._queue is None:
+        if not batch:
             return
-        mean_size = sum(len(message.body) for message, _ in batch) / len(batch)
-        wanted = int(self._settings.worker_prefetch_bytes // max(mean_size, 1))
-        wanted = max(2, min(self._settings.worker_prefetch, wanted))
+        mean_size = sum(held_size(message.body) for message, _ in batch) / len(batch)
+        share = self._settings.worker_prefetch_bytes // _WINDOW_SHARE_OF_BUDGET
+        wanted = max(2, min(self._settings.worker_prefetch, int(share // mean_size)))
+        current = self._wanted_window
         if (
-            wanted * 2 <= self._prefetch
-            or wanted >= self._prefetch * 2
-            or (wanted == self._settings.worker_prefetch != self._prefetch)
+            wanted * 2 <= current
+            or wanted >= current * 2
+            or (wanted == self._settings.worker_prefetch != current)
         ):
-            # A prefetch count applies to consumers started after it: consume anew with it,
-            # then cancel the old consumer. Messages the old one received stay unacked on
-            # this channel and are handled like any others; delivery tags stay in order.
-            try:
-                await self._queue.channel.set_qos(prefetch_count=wanted)
-                replaced, self._consumer_tag = (
-                    self._consumer_tag,
-                    await self._queue.consume(self._inbox.put),
-                )
-                if replaced is not None:
-                    await self._queue.cancel(replaced)
-            except CONNECTION_EXCEPTIONS as exc:
-                log.warning("could not change the prefetch window: %s", exc)
-                return
-            self._prefetch = wanted
-            PREFETCH.set(wanted)
+            self._wanted_window = wanted
+            self._consumer.fit(wanted)
 
-    def _decode(self, message: AbstractIncomingMessage) -> _Taken:
+    def _decode(self, message: Delivery) -> _Taken:
+        if message.problem is not None:
+            return message, PoisonMessage(DeadLetterReason.INVALID_PROPERTIES, message.problem)
         try:
             return message, decode_scores(message, self._signing.keys if self._signing else {})
         except PoisonMessage as poison:
             return message, poison
+        except Exception as exc:  # a failure on one message must not stop the others
+            log.exception("decoding a message failed", extra={"score_id": message.message_id})
+            detail = f"the worker could not decode it: {type(exc).__name__}: {exc}"
+            return message, PoisonMessage(DeadLetterReason.UNPROCESSABLE, detail)
 
     def _drain_inbox(self) -> list[_Taken]:
-        drained = []
+        drained: list[_Taken] = []
         while not self._inbox.empty():
             message = self._inbox.get_nowait()
             if message is not None:
@@ -313,7 +322,7 @@ class ScoreWorker:
             stored = await self._persist(decoded)
         if previous is not None:
             await previous
-        await _ack_through(stored)
+        await self._consumer.ack_through(stored)
 
     async def _persist(self, decoded: list[_Decoded]) -> list[AbstractIncomingMessage]:
         """Store the scores in one transaction; returns the messages stored, to be acked.
@@ -343,7 +352,10 @@ class ScoreWorker:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._settings.worker_retry_max_seconds)
                 continue
-            self._observe(decoded, inserted, time.perf_counter() - started)
+            try:
+                self._observe(decoded, inserted, time.perf_counter() - started)
+            except Exception:  # metrics must never cost a stored batch its ack
+                log.exception("observing a stored batch failed")
             return [message for message, _ in decoded]
 
     def _observe(self, decoded: list[_Decoded], inserted: int, seconds: float) -> None:
@@ -362,7 +374,11 @@ class ScoreWorker:
         CONSUMER_LAG_SECONDS.set(max(lags))
 
     async def _dead_letter(self, message: AbstractIncomingMessage, poison: PoisonMessage) -> None:
-        """Publish a copy with the reason to scores.dlx, then ack; reject if that fails."""
+        """Publish a copy with the reason to scores.dlx, then ack; reject if that fails.
+
+        Never raises: whatever goes wrong, the message ends in scores.dead, with our reason
+        or (rejected to the queue's dead-letter exchange) with RabbitMQ's `rejected`.
+        """
         assert self._dead_letter_exchange is not None
         log.warning(
             "dead-lettering a message: %s",
@@ -370,36 +386,32 @@ class ScoreWorker:
             extra={"score_id": message.message_id, "reason": poison.reason.value},
         )
         DEAD_LETTERED.labels(poison.reason.value).inc()
-        headers = dict(message.headers or {})
-        headers.update(
-            {
-                REASON_HEADER: poison.reason.value,
-                DETAIL_HEADER: poison.detail,
-                TIME_HEADER: datetime.now(UTC).isoformat(),
-                QUEUE_HEADER: QUEUE,
-            }
-        )
         try:
+            # Whatever the publisher's headers hold, the copy's can be encoded.
+            headers = field_tables.encodable(message.headers)
+            headers.update(
+                {
+                    REASON_HEADER: poison.reason.value,
+                    DETAIL_HEADER: poison.detail,
+                    TIME_HEADER: datetime.now(UTC).isoformat(),
+                    QUEUE_HEADER: QUEUE,
+                }
+            )
             await self._dead_letter_exchange.publish(
                 copy_with_headers(message, headers),
                 message.routing_key or ROUTING_KEY,
                 mandatory=True,
                 timeout=self._settings.publish_timeout_seconds,
             )
-        except (TimeoutError, DeliveryError, *CONNECTION_EXCEPTIONS) as exc:
-            # The broker's own dead-lettering still takes it to scores.dead, without our reason.
-            log.warning("could not publish dead letter (%s); rejecting instead", exc)
-            await _settle(message.reject(requeue=False))
+        except Exception as exc:  # any failure: the broker's own dead-lettering takes it
+            log.warning("could not publish a dead letter (%r); rejecting the message instead", exc)
+            DEAD_LETTER_FALLBACKS.inc()
+            await self._consumer.reject(message)
             return
-        await _settle(message.ack())
+        await self._consumer.ack(message)
 
     async def _stop_consuming(self) -> None:
-        if self._queue is not None and self._consumer_tag is not None:
-            try:
-                # Bounded: a robust channel that is reconnecting would wait for the broker.
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), _CLOSE_SECONDS)
-            except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
-                log.warning("could not cancel the consumer cleanly: %r", exc)
+        await self._consumer.stop(_CLOSE_SECONDS)
         # Deliveries that arrived before the cancel-ok reach the inbox in tasks of their
         # own; let them land before the inbox is drained, or they stay unacked.
         for _ in range(3):
@@ -409,12 +421,11 @@ class ScoreWorker:
         await self._health.close()
         # Each step is bounded: with the broker gone, the robust connection would wait for it
         # and the worker would never exit.
-        if self._queue is not None:
-            # A round trip on the consuming channel after the last acks, before it closes.
-            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
-                await asyncio.wait_for(
-                    self._queue.channel.set_qos(prefetch_count=self._prefetch), _CLOSE_SECONDS
-                )
+        await self._consumer.close(_CLOSE_SECONDS)
+        if self._consuming is not None:
+            self._consuming.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consuming
         if self._connection is not None:
             with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
                 await asyncio.wait_for(self._connection.close(), _CLOSE_SECONDS)
@@ -426,35 +437,6 @@ class ScoreWorker:
 def _count(taken: _Taken) -> int:
     scores = taken[1]
     return 1 if isinstance(scores, PoisonMessage) else len(scores)
-
-
-async def _ack_through(messages: list[AbstractIncomingMessage]) -> None:
-    """Ack messages with one frame per channel: multiple=True on its highest delivery tag.
-
-    Sound because batches are taken and settled in delivery order: every earlier delivery
-    on the channel is already acked or dead-lettered. Besides saving frames, a single ack
-    is less exposed than hundreds to RabbitMQ dropping acks that race a channel close
-    (rabbitmq/rabbitmq-server#10327).
-    """
-    highest: dict[int, tuple[int, AbstractIncomingMessage]] = {}
-    for message in messages:
-        try:
-            channel = id(message.channel)
-        except ChannelInvalidStateError:
-            continue  # its channel is gone: the broker redelivers it, and a re-store is a no-op
-        tag = message.delivery_tag or 0
-        if channel not in highest or tag > highest[channel][0]:
-            highest[channel] = (tag, message)
-    for _, message in highest.values():
-        await _settle(message.ack(multiple=True))
-
-
-async def _settle(action: Awaitable[None]) -> None:
-    try:
-        await action
-    except CONNECTION_EXCEPTIONS as exc:
-        # The channel is gone, so the broker redelivers the message; storing it again is a no-op.
-        log.warning("could not settle a message (%s); it will be redelivered", exc)
 
 
 async def run_worker(settings: Settings) -> None:

@@ -17,12 +17,17 @@ class TcpProxy:
 
     `latency` delays every chunk the target sends back by that many seconds, as a slow
     link would: chunks still arrive in order, each `latency` after it was sent.
+
+    `fatal`, when set, drops any connection on which the target sends those bytes, before
+    they reach the client: a stand-in for a message that makes its consumer fail.
     """
 
     def __init__(self, target_host: str, target_port: int, latency: float = 0.0) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.latency = latency
+        self.fatal: bytes | None = None
+        self.dropped = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
@@ -85,7 +90,7 @@ class TcpProxy:
         self._writers.update((writer, up_writer))
         pipes = (
             asyncio.create_task(self._pipe(reader, up_writer)),
-            asyncio.create_task(self._pipe(up_reader, writer, self.latency)),
+            asyncio.create_task(self._pipe(up_reader, writer, self.latency, downstream=True)),
         )
         self._pipes.update(pipes)
         try:
@@ -97,7 +102,11 @@ class TcpProxy:
                 w.transport.abort()
 
     async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, latency: float = 0.0
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        latency: float = 0.0,
+        downstream: bool = False,
     ) -> None:
         loop = asyncio.get_running_loop()
         # (due time, chunk); an empty chunk marks the end of the stream.
@@ -111,9 +120,19 @@ class TcpProxy:
                     await writer.drain()
 
         delivering = asyncio.create_task(deliver())
+        # The end of the previous chunk, so that fatal bytes split across chunks are found.
+        tail = b""
         try:
             with contextlib.suppress(OSError, asyncio.IncompleteReadError):
                 while data := await reader.read(65536):
+                    fatal = self.fatal if downstream else None
+                    if fatal is not None:
+                        if fatal in tail + data:
+                            # Dropped at once, with whatever was still on its way: the finally
+                            # below aborts the client's side, _accept the target's.
+                            self.dropped += 1
+                            return
+                        tail = (tail + data)[-len(fatal) :]
                     in_flight.put_nowait((loop.time() + latency, data))
             in_flight.put_nowait((loop.time(), b""))
             await delivering

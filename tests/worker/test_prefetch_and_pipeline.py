@@ -1,6 +1,6 @@
 """The worker's prefetch window follows message size, and its pipeline loses and repeats nothing.
 
-(a) Large score.batch.v1 messages shrink the prefetch window to WORKER_PREFETCH_BYTES' worth,
+(a) Large score.batch.v1 messages shrink the prefetch window to a share of WORKER_PREFETCH_BYTES,
     and the broker then holds back the backlog instead of pushing it all into the worker.
 (b) Small messages widen the window again, up to WORKER_PREFETCH.
 (c) Storing batch N while collecting batch N+1 stores every score once, in delivery order, and a
@@ -176,7 +176,9 @@ async def test_large_messages_shrink_the_window_and_the_broker_holds_back_the_ba
 async def test_small_messages_widen_the_window_again(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
-    settings = fitting(settings)
+    # A window fits a quarter of the budget, counting each message twice (its body and its
+    # rows): 16 MiB fits WORKER_PREFETCH small messages, and 5 large ones.
+    settings = fitting(settings, worker_prefetch_bytes=16 * MIB)
     large = [large_batch(f"large-{n}") for n in range(2)]
     small = singles(300, "small")
     everything = [score for scores, _ in large for score in scores] + small
@@ -187,7 +189,7 @@ async def test_small_messages_widen_the_window_again(
         await wait_for_gauge(worker, "at most 5", lambda value: value <= 5)
 
         await broker.publish_scores(small)
-        # 1 MiB / a few hundred bytes is more than WORKER_PREFETCH, so the window is the maximum.
+        # 4 MiB / a few hundred bytes is more than WORKER_PREFETCH, so the window is the maximum.
         await wait_for_gauge(
             worker, "WORKER_PREFETCH again", lambda value: value == settings.worker_prefetch
         )

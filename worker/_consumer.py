@@ -1,0 +1,481 @@
+"""The worker's consuming channel: a connection of its own, a byte budget, care after a loss.
+
+aio-pika's robust `queue.consume` is not used here, for three reasons:
+
+- aio-pika builds an `IncomingMessage` from each delivery before any callback of ours runs,
+  and a property it cannot convert (a `delivery_mode` of 3) raises there. The delivery
+  would stay unacked and unseen until a later ack with `multiple=True` acked it silently.
+  Here every delivery reaches the worker; one whose properties cannot be read arrives
+  with `problem` set and is dead-lettered like any other poison.
+- RabbitMQ's prefetch counts messages, not bytes, so a window fitted to small messages
+  can be filled with large ones. The channel's reader stops taking deliveries while the
+  messages held take `WORKER_PREFETCH_BYTES` or more: aiormq's frame queues fill, the
+  socket is no longer read and TCP holds the broker back. That blocks every channel of
+  the connection, so nothing else (dead letters and their confirms, queue polls) uses it.
+- After an unexplained loss of the connection the worker must not take its full window
+  again: if one message killed the connection, it would spend a delivery of every
+  message delivered with it, each time. The consumer takes one message at a time until
+  as many as the window held have passed, or a message not delivered before arrives.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from typing import Any, Final
+
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aio_pika.message import IncomingMessage
+from aiormq.abc import DeliveredMessage
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
+
+from shared import field_tables
+from shared.settings import Settings
+from worker._metrics import (
+    CAUTIOUS,
+    CONNECTION_LOSSES,
+    HELD_BYTES,
+    HELD_MESSAGES,
+    PREFETCH,
+    REDELIVERED,
+)
+
+log = logging.getLogger(__name__)
+
+# What a message held costs besides its body: the body's decoded rows (a value's JSON text
+# is a second copy of its bytes) and the objects around it.
+_COPIES_HELD: Final = 2
+_OVERHEAD_BYTES: Final = 1024
+# The broker's own Connection.Close on shutdown (and `rabbitmqctl close_connection`):
+# the connection was taken away, no message of ours was to blame.
+_CONNECTION_FORCED: Final = 320
+# Isolating a culprit ends when nothing is delivered for this long while nothing is held.
+_CAUTION_IDLE_SECONDS: Final = 1.0
+_FIRST_RECONNECT_DELAY: Final = 0.1
+_MAX_RECONNECT_DELAY: Final = 5.0
+_SAFE_PROPERTIES: Final = (
+    "content_type",
+    "content_encoding",
+    "headers",
+    "message_id",
+    "message_type",
+    "app_id",
+    "correlation_id",
+    "reply_to",
+)
+
+
+def held_size(body: bytes) -> int:
+    """The bytes a message costs the worker while it holds it (budgeted, fitted)."""
+    return _COPIES_HELD * len(body) + _OVERHEAD_BYTES
+
+
+class _Subscription:
+    """One connection and its channel: what they delivered and was not settled yet."""
+
+    def __init__(self, connection: aiormq.Connection, channel: aiormq.Channel) -> None:
+        self.connection = connection
+        self.channel = channel
+        self.consumer_tags: list[str] = []
+        self.window = 0
+        # delivery tag -> bytes held, in delivery order (tags only grow on a channel).
+        self.unsettled: dict[int, int] = {}
+
+
+class Delivery(IncomingMessage):
+    """A delivered message, knowing its subscription and its size; `problem` says why its
+    properties could not be read, when they could not."""
+
+    def __init__(
+        self, delivered: DeliveredMessage, subscription: _Subscription, problem: str | None
+    ) -> None:
+        super().__init__(delivered)
+        self._subscription = subscription
+        self._size = held_size(delivered.body)
+        self._problem = problem
+
+    @property
+    def problem(self) -> str | None:
+        """Why the publisher's properties could not be read (they were left out), or None."""
+        return self._problem
+
+
+def _readable(delivered: DeliveredMessage, subscription: _Subscription) -> Delivery:
+    """The delivery as a message; properties aio-pika cannot convert are left out and
+    named in its `problem`."""
+    try:
+        return Delivery(delivered, subscription, None)
+    except Exception as exc:  # any property aio-pika cannot convert
+        problem = f"properties that cannot be read: {type(exc).__name__}: {exc}"
+    properties = delivered.header.properties
+    safe = spec.Basic.Properties(**{name: getattr(properties, name) for name in _SAFE_PROPERTIES})
+    for candidate in (safe, spec.Basic.Properties()):
+        header = ContentHeader(body_size=len(delivered.body), properties=candidate)
+        try:
+            return Delivery(
+                DeliveredMessage(delivered.delivery, header, delivered.body, delivered.channel),
+                subscription,
+                problem,
+            )
+        except Exception as exc:  # the next candidate keeps less
+            log.debug("properties still unreadable: %r", exc)
+    raise AssertionError("a message without properties is always readable")
+
+
+class Consumer:
+    """Consumes one queue into `deliver`, reconnecting by itself; settle through it.
+
+    Every delivery is handed to `deliver` in delivery order, synchronously, and must be
+    settled (acked or rejected) through this object, which keeps the byte budget.
+    """
+
+    def __init__(self, settings: Settings, queue: str, deliver: Callable[[Delivery], None]) -> None:
+        self._settings = settings
+        self._queue = queue
+        self._deliver = deliver
+        self._budget = settings.worker_prefetch_bytes
+        self._wanted = settings.worker_prefetch
+        self._subscription: _Subscription | None = None
+        self._subscriptions: set[_Subscription] = set()
+        self._held_bytes = 0
+        self._room = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._stopping = False
+        self._connected = asyncio.Event()
+        self._cautious_remaining = 0
+        # Since when the worker holds messages without settling any (None: it holds none).
+        self._waiting_since: float | None = None
+        self._last_delivery = time.monotonic()
+        self._closing: set[asyncio.Task[None]] = set()
+        field_tables.install()
+
+    @property
+    def connected(self) -> bool:
+        """Consuming: connected, subscribed, not reconnecting."""
+        return self._connected.is_set()
+
+    @property
+    def window(self) -> int:
+        """The prefetch count in force (1 while isolating a culprit)."""
+        return self._subscription.window if self._subscription else 1
+
+    @property
+    def cautious(self) -> bool:
+        """Taking one message at a time after an unexplained connection loss."""
+        return self._cautious_remaining > 0
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of delivered messages not yet settled (`held_size` each)."""
+        return self._held_bytes
+
+    @property
+    def held_messages(self) -> int:
+        """Delivered messages not yet settled, on every connection still referenced."""
+        return sum(len(subscription.unsettled) for subscription in self._subscriptions)
+
+    def stalled_for(self) -> float:
+        """Seconds the worker has held messages without settling any; 0 if it holds none."""
+        if self._waiting_since is None:
+            return 0.0
+        return time.monotonic() - self._waiting_since
+
+    async def wait_connected(self) -> None:
+        """Return once consuming."""
+        await self._connected.wait()
+
+    def fit(self, wanted: int) -> None:
+        """Ask for a prefetch count; applied by the consumer's own task (a new consumer)."""
+        wanted = max(1, min(self._settings.worker_prefetch, wanted))
+        if wanted != self._wanted:
+            self._wanted = wanted
+            self._changed.set()
+
+    async def run(self) -> None:
+        """Connect, consume and reconnect until `stop()`."""
+        delay = _FIRST_RECONNECT_DELAY
+        while not self._stopping:
+            subscription: _Subscription | None = None
+            failure: BaseException | None = None
+            try:
+                subscription = await self._subscribe()
+                delay = _FIRST_RECONNECT_DELAY
+                await self._serve(subscription)
+            except Exception as exc:  # whatever went wrong, the worker reconnects
+                failure = exc
+            finally:
+                self._connected.clear()
+            if self._stopping:
+                break
+            self._after_loss(subscription, failure)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _MAX_RECONNECT_DELAY)
+
+    async def stop(self, within: float) -> None:
+        """Take no more deliveries: cancel the consumers (bounded) and stop reconnecting."""
+        self._stopping = True
+        self._changed.set()
+        self._room.set()
+        subscription = self._subscription
+        if subscription is None or subscription.channel.is_closed:
+            return
+        try:
+            async with asyncio.timeout(within):
+                for tag in subscription.consumer_tags:
+                    await subscription.channel.basic_cancel(tag)
+        except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
+            log.warning("could not cancel the consumer cleanly: %r", exc)
+
+    async def close(self, within: float) -> None:
+        """Close the connection, after a round trip that lets the last acks land."""
+        self._stopping = True
+        self._room.set()
+        subscription = self._subscription
+        if subscription is None:
+            return
+        with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
+            async with asyncio.timeout(within):
+                if not subscription.channel.is_closed:
+                    await subscription.channel.basic_qos(prefetch_count=subscription.window)
+        with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
+            await asyncio.wait_for(subscription.connection.close(), within)
+
+    async def ack_through(self, messages: Iterable[AbstractIncomingMessage]) -> None:
+        """Ack with one frame per channel: multiple=True on its highest delivery tag.
+
+        Sound because batches are taken and settled in delivery order: every earlier
+        delivery on the channel is already acked or dead-lettered. Besides saving frames, a
+        single ack is less exposed than hundreds to RabbitMQ dropping acks that race a
+        channel close (rabbitmq/rabbitmq-server#10327).
+        """
+        highest: dict[_Subscription, Delivery] = {}
+        for message in messages:
+            assert isinstance(message, Delivery)
+            known = highest.get(message._subscription)
+            if known is None or (message.delivery_tag or 0) > (known.delivery_tag or 0):
+                highest[message._subscription] = message
+        for subscription, message in highest.items():
+            tag = message.delivery_tag or 0
+            await self._send(subscription, partial(_ack_multiple, subscription.channel, tag))
+            self._settled(subscription, [t for t in subscription.unsettled if t <= tag])
+
+    async def ack(self, message: AbstractIncomingMessage) -> None:
+        """Ack one message."""
+        await self._settle_one(message, lambda channel, tag: channel.basic_ack(tag))
+
+    async def reject(self, message: AbstractIncomingMessage) -> None:
+        """Reject one message without requeueing: the queue's dead-letter exchange takes it."""
+        await self._settle_one(
+            message, lambda channel, tag: channel.basic_reject(tag, requeue=False)
+        )
+
+    async def _settle_one(
+        self, message: AbstractIncomingMessage, action: Callable[[aiormq.Channel, int], Any]
+    ) -> None:
+        assert isinstance(message, Delivery)
+        subscription, tag = message._subscription, message.delivery_tag or 0
+        await self._send(subscription, lambda: action(subscription.channel, tag))
+        self._settled(subscription, [tag])
+
+    async def _send(self, subscription: _Subscription, frame: Callable[[], Any]) -> None:
+        if subscription.channel.is_closed:
+            return  # the broker took the message back when the channel closed
+        try:
+            await frame()
+        except CONNECTION_EXCEPTIONS as exc:
+            # The channel is gone, so the broker redelivers the message; storing it again is
+            # a no-op.
+            log.warning("could not settle a message (%s); it will be redelivered", exc)
+
+    def _settled(self, subscription: _Subscription, tags: list[int]) -> None:
+        sizes = [subscription.unsettled.pop(tag) for tag in tags if tag in subscription.unsettled]
+        if not sizes:
+            return
+        self._held_bytes -= sum(sizes)
+        if subscription.channel.is_closed and not subscription.unsettled:
+            self._subscriptions.discard(subscription)
+        held = self.held_messages
+        self._waiting_since = time.monotonic() if held else None
+        self._room.set()
+        HELD_BYTES.set(self._held_bytes)
+        HELD_MESSAGES.set(held)
+        if self._cautious_remaining and subscription is self._subscription:
+            self._cautious_remaining = max(0, self._cautious_remaining - len(sizes))
+            if not self._cautious_remaining:
+                self._end_caution("as many messages as it held have passed")
+
+    def _end_caution(self, why: str) -> None:
+        self._cautious_remaining = 0
+        CAUTIOUS.set(0)
+        log.info("consuming with the full window again: %s", why)
+        self._changed.set()
+
+    async def _subscribe(self) -> _Subscription:
+        settings = self._settings
+        connection = aiormq.Connection(
+            settings.amqp_url, client_properties={"connection_name": "score-ingest-worker"}
+        )
+        try:
+            # Bounded as a whole: a broker that accepts the connection and then says nothing
+            # must not hold the worker's consuming up for ever.
+            async with asyncio.timeout(settings.publish_timeout_seconds):
+                await connection.connect()
+                channel = await connection.channel(publisher_confirms=False)
+                assert isinstance(channel, aiormq.Channel)
+                subscription = _Subscription(connection, channel)
+                self._gate(channel)
+                await self._consume(subscription, self._target_window())
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
+        self._subscription = subscription
+        self._subscriptions.add(subscription)
+        self._connected.set()
+        log.info("consuming %s with a window of %d", self._queue, subscription.window)
+        return subscription
+
+    def _target_window(self) -> int:
+        return 1 if self._cautious_remaining else self._wanted
+
+    async def _consume(self, subscription: _Subscription, window: int) -> None:
+        """Start a consumer with this window (a prefetch count applies to consumers started
+        after it), then cancel the ones before: what they delivered stays unacked on this
+        channel and is settled like the rest; delivery tags stay in order."""
+        channel = subscription.channel
+        await channel.basic_qos(prefetch_count=window)
+        replaced = subscription.consumer_tags
+
+        async def on_delivery(delivered: DeliveredMessage) -> None:
+            self._on_delivery(subscription, delivered)
+
+        consume_ok = await channel.basic_consume(self._queue, on_delivery)
+        assert consume_ok.consumer_tag is not None
+        subscription.consumer_tags = [consume_ok.consumer_tag]
+        subscription.window = window
+        PREFETCH.set(window)
+        for tag in replaced:
+            await channel.basic_cancel(tag)
+
+    async def _serve(self, subscription: _Subscription) -> None:
+        """Apply window changes until the channel closes (raising why) or stop()."""
+        closing = subscription.channel.closing
+        try:
+            while not self._stopping:
+                changed = asyncio.ensure_future(self._changed.wait())
+                await asyncio.wait(
+                    {closing, changed},
+                    timeout=_CAUTION_IDLE_SECONDS if self._cautious_remaining else None,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                changed.cancel()
+                if closing.done():
+                    break
+                self._changed.clear()
+                if (
+                    self._cautious_remaining
+                    and not subscription.unsettled
+                    and time.monotonic() - self._last_delivery >= _CAUTION_IDLE_SECONDS
+                ):
+                    self._end_caution("the queue has nothing more to deliver")
+                    self._changed.clear()
+                window = self._target_window()
+                if window != subscription.window and not self._stopping:
+                    await self._consume(subscription, window)
+            failure = closing.exception() if closing.done() and not closing.cancelled() else None
+            if isinstance(failure, Exception):
+                raise failure
+            if failure is not None:  # aiormq closes with CancelledError by default
+                raise ConnectionError(f"connection closed: {failure!r}")
+        finally:
+            if not closing.done():
+                closing.cancel()
+
+    def _after_loss(
+        self, subscription: _Subscription | None, failure: BaseException | None
+    ) -> None:
+        explained = _broker_closed_it(failure)
+        CONNECTION_LOSSES.labels("broker" if explained else "unexplained").inc()
+        if subscription is None:
+            log.warning("could not consume %s: %r", self._queue, failure)
+            return
+        closing = asyncio.create_task(_close_quietly(subscription.connection))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+        if not subscription.unsettled:
+            self._subscriptions.discard(subscription)
+        if explained:
+            log.warning("the broker closed the consuming connection: %r", failure)
+            return
+        # The broker may have sent up to a window of messages; any of them may be the cause.
+        self._cautious_remaining = max(self._cautious_remaining, subscription.window)
+        CAUTIOUS.set(1)
+        log.warning(
+            "lost the consuming connection (%r) with %d messages unsettled; taking one at a "
+            "time until the %d it may have held have passed",
+            failure,
+            len(subscription.unsettled),
+            self._cautious_remaining,
+        )
+
+    def _gate(self, channel: aiormq.Channel) -> None:
+        """Make the channel's reader wait, before it reads a delivery, while the messages
+        held take the byte budget or more.
+
+        aiormq reads a delivery's frames and starts the consumer callback as a task; a
+        callback cannot hold the reader back, so the wait goes around the reader's own step.
+        """
+        deliver = channel._on_deliver_frame
+        if not asyncio.iscoroutinefunction(deliver):
+            raise RuntimeError("aiormq changed: Channel._on_deliver_frame is gone")
+
+        async def gated(frame: spec.Basic.Deliver) -> None:
+            while self._held_bytes >= self._budget and not self._stopping:
+                self._room.clear()
+                await self._room.wait()
+            await deliver(frame)
+            # The callback aiormq just scheduled counts the message's bytes before the next
+            # delivery is looked at.
+            await asyncio.sleep(0)
+
+        channel._on_deliver_frame = gated  # type: ignore[method-assign]
+
+    def _on_delivery(self, subscription: _Subscription, delivered: DeliveredMessage) -> None:
+        message = _readable(delivered, subscription)
+        tag = message.delivery_tag or 0
+        self._last_delivery = time.monotonic()
+        subscription.unsettled[tag] = message._size
+        self._held_bytes += message._size
+        if self._waiting_since is None:
+            self._waiting_since = time.monotonic()
+        HELD_BYTES.set(self._held_bytes)
+        HELD_MESSAGES.set(self.held_messages)
+        if message.redelivered:
+            REDELIVERED.inc()
+        elif self._cautious_remaining:
+            # Past every message returned to the queue: none of them is left to isolate.
+            self._end_caution("a message never delivered before arrived")
+        self._deliver(message)
+
+
+def _broker_closed_it(failure: BaseException | None) -> bool:
+    """Whether the broker closed the connection itself (shutting down, or an operator)."""
+    return (
+        isinstance(failure, aiormq.exceptions.ConnectionClosed)
+        and bool(failure.args)
+        and failure.args[0] == _CONNECTION_FORCED
+    )
+
+
+async def _ack_multiple(channel: aiormq.Channel, tag: int) -> None:
+    await channel.basic_ack(tag, multiple=True)
+
+
+async def _close_quietly(connection: aiormq.Connection) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(connection.close(), 2)
