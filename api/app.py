@@ -2,10 +2,10 @@
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import asyncpg
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
 
@@ -15,12 +15,12 @@ from api.fast_path import ScoreCreateFastPath
 from api.keys import KeyVerifier
 from api.metrics import RequestContextMiddleware
 from api.publisher import ScorePublisher
+from api.repository import create_bounded_pool
 from api.request_gate import RequestGate
 from api.routes import health, scores
 from shared.settings import Settings, get_settings
 from shared.signing import KeyRing
 
-_CONNECT_TIMEOUT_SECONDS = 5
 # We export Prometheus metrics and JSON logs, not OpenTelemetry. FastAPI's native telemetry
 # would otherwise look up the global OpenTelemetry providers on every request.
 NO_OPENTELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
@@ -32,23 +32,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # min_size=0: the API starts, and serves cached keys, while PostgreSQL is down.
-        pool = await asyncpg.create_pool(
+        # One pool per budget (api/deps.py Services), so that slow or stalled reads cannot
+        # take the connections key lookups and writes need.
+        bounded_pool = functools.partial(
+            create_bounded_pool,
             settings.database_url,
-            min_size=0,
-            max_size=settings.db_pool_max_size,
-            timeout=_CONNECT_TIMEOUT_SECONDS,
+            acquire_timeout=settings.db_acquire_timeout_seconds,
+            statement_timeout=settings.db_statement_timeout_seconds,
+            idle_in_transaction_timeout=settings.db_idle_in_transaction_timeout_seconds,
         )
-        signing = KeyRing(pool)
+        key_pool = await bounded_pool("keys", max_size=settings.auth_lookup_concurrency)
+        pool = await bounded_pool("writes", max_size=settings.db_pool_max_size)
+        read_pool = await bounded_pool("reads", max_size=settings.db_read_pool_max_size)
+        signing = KeyRing(pool.pool)
         await signing.try_refresh()
         refreshing = asyncio.create_task(signing.keep_fresh())
         publisher = ScorePublisher(settings, signing)
         publisher.start()
         app.state.services = Services(
-            settings,
-            pool,
-            publisher,
-            KeyVerifier(pool, settings.auth_cache_ttl_seconds, settings.auth_cache_max_entries),
+            settings=settings,
+            pool=pool,
+            read_pool=read_pool,
+            key_pool=key_pool,
+            publisher=publisher,
+            verifier=KeyVerifier(
+                key_pool,
+                ttl_seconds=settings.auth_cache_ttl_seconds,
+                max_entries=settings.auth_cache_max_entries,
+                lookups_per_second=settings.auth_lookups_per_second,
+                max_concurrent_lookups=settings.auth_lookup_concurrency,
+            ),
         )
         try:
             yield
@@ -57,7 +70,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             with contextlib.suppress(asyncio.CancelledError):
                 await refreshing
             await publisher.close()
-            await pool.close()
+            for bounded in (read_pool, pool, key_pool):
+                await bounded.close()
 
     app = FastAPI(
         title="score-ingest",

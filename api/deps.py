@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 from typing import Annotated
 
-import asyncpg
 from fastapi import Depends, HTTPException, Path, Request
 from fastapi.security import (
     HTTPAuthorizationCredentials,
@@ -15,6 +14,7 @@ from fastapi.security import (
 from api.errors import Forbidden, InvalidCredentials
 from api.keys import KeyVerifier, Principal
 from api.publisher import ScorePublisher
+from api.repository import BoundedPool
 from shared.contract import EntityName, ProjectName
 from shared.settings import Settings
 
@@ -39,10 +39,17 @@ _bearer = HTTPBearer(auto_error=False, description="The API key as a bearer toke
 
 @dataclass(frozen=True)
 class Services:
-    """What the app made in its lifespan, for the routes to use."""
+    """What the app made in its lifespan, for the routes to use.
+
+    Three budgets of database connections, so that no kind of request can starve another:
+    `key_pool` for key lookups (the verifier's), `pool` for writes (deletes,
+    Idempotency-Keys, signing keys) and `read_pool` for reads and lists.
+    """
 
     settings: Settings
-    pool: asyncpg.Pool
+    pool: BoundedPool
+    read_pool: BoundedPool
+    key_pool: BoundedPool
     publisher: ScorePublisher
     verifier: KeyVerifier
 

@@ -92,11 +92,12 @@ class BrokerUnavailable(ServiceUnavailable):
 
 @contextmanager
 def database_unavailable_as_503() -> Iterator[None]:
-    """Turn a lost or refused database connection into DatabaseUnavailable."""
+    """Turn a lost or refused database connection, no free connection within its wait, or a
+    statement over its time into DatabaseUnavailable."""
     try:
         yield
     except DATABASE_UNAVAILABLE as exc:
-        raise DatabaseUnavailable("database unavailable, retry later") from exc
+        raise DatabaseUnavailable("database unavailable or busy, retry later") from exc
 
 
 def _json(content: Any, status_code: int, headers: dict[str, str] | None = None) -> Response:

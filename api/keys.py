@@ -20,11 +20,15 @@ import asyncpg
 
 from api import sql
 from api.errors import AuthBackendUnavailable, InvalidCredentials
+from api.repository import BoundedPool
 from shared.db import DATABASE_UNAVAILABLE
 
 log = logging.getLogger(__name__)
 
 _KEY_PATTERN = re.compile(r"si_([0-9a-f]{16})_[A-Za-z0-9_-]{43}")
+# Key ids found to have no key, remembered so that a client retrying with a wrong key costs
+# no lookup each time; apart from the known keys, and small: made-up ids are endless.
+UNKNOWN_KEYS_REMEMBERED = 1024
 
 
 @dataclass(frozen=True)
@@ -99,20 +103,57 @@ async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
     return await conn.fetchval(sql.REVOKE_KEY, key_id) is not None
 
 
+class _TokenBucket:
+    """Allows `rate` takes a second on average, and as many at once after a quiet second."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._capacity = max(1.0, rate)
+        self._tokens = self._capacity
+        self._updated = time.monotonic()
+
+    def take(self) -> bool:
+        """Take one token if there is one."""
+        now = time.monotonic()
+        self._tokens = min(self._capacity, self._tokens + (now - self._updated) * self._rate)
+        self._updated = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 class KeyVerifier:
     """Checks keys against PostgreSQL, caching what it read for a short TTL.
 
     A cached key is checked without the database; when the TTL has passed and the database
-    cannot be reached, the last known answer stands, so ingestion keeps working through a
-    database outage. Revocation therefore takes effect within one TTL of the database
-    being reachable.
+    cannot be reached (or the lookups are over their bounds), the last known answer stands,
+    so ingestion keeps working through a database outage. Revocation therefore takes effect
+    within one TTL of the database being reachable.
+
+    Keys that exist (revoked or not) and key ids that do not are cached apart, the latter
+    in a small cache of their own, so no number of made-up keys can push a known key out.
+    Database lookups are bounded per process: at most `max_concurrent_lookups` at once (the
+    size of the pool they use), and for keys not known, `lookups_per_second` on average.
+    A key beyond either bound is answered AuthBackendUnavailable at once, not queued.
     """
 
-    def __init__(self, pool: asyncpg.Pool, ttl_seconds: float, max_entries: int) -> None:
+    def __init__(
+        self,
+        pool: BoundedPool,
+        *,
+        ttl_seconds: float,
+        max_entries: int,
+        lookups_per_second: float,
+        max_concurrent_lookups: int,
+    ) -> None:
         self._pool = pool
         self._ttl = ttl_seconds
         self._max_entries = max_entries
-        self._cache: dict[str, tuple[float, _StoredKey | None]] = {}
+        self._max_concurrent_lookups = max_concurrent_lookups
+        self._bucket = _TokenBucket(lookups_per_second)
+        self._known: dict[str, tuple[float, _StoredKey]] = {}
+        self._unknown: dict[str, float] = {}
         self._lookups: dict[str, asyncio.Future[_StoredKey | None]] = {}
 
     async def verify(self, key: str) -> Principal:
@@ -128,11 +169,22 @@ class KeyVerifier:
         return stored.principal
 
     async def _stored_key(self, key_id: str) -> _StoredKey | None:
-        cached = self._cache.get(key_id)
-        if cached is not None and time.monotonic() - cached[0] < self._ttl:
-            return cached[1]
+        now = time.monotonic()
+        known = self._known.get(key_id)
+        if known is not None and now - known[0] < self._ttl:
+            return known[1]
+        unknown_since = self._unknown.get(key_id)
+        if unknown_since is not None and now - unknown_since < self._ttl:
+            return None
+        last_answer = _LastAnswer(known[1] if known is not None else None, unknown_since)
         lookup = self._lookups.get(key_id)
         if lookup is None:
+            # Refreshing a known key spends no token: known keys are few and legitimate, and
+            # a flood of made-up keys must not delay a revocation.
+            if len(self._lookups) >= self._max_concurrent_lookups or (
+                known is None and not self._bucket.take()
+            ):
+                return last_answer.stands("too many API key lookups right now, retry later")
             # One database read per key at a time, however many requests wait for it.
             lookup = asyncio.ensure_future(self._fetch(key_id))
             self._lookups[key_id] = lookup
@@ -140,29 +192,51 @@ class KeyVerifier:
         try:
             return await asyncio.shield(lookup)
         except DATABASE_UNAVAILABLE as exc:
-            if cached is not None:
-                return cached[1]
-            raise AuthBackendUnavailable("cannot verify API key: database unreachable") from exc
+            return last_answer.stands("cannot verify API key: database unreachable", exc)
 
     async def _fetch(self, key_id: str) -> _StoredKey | None:
-        row = await self._pool.fetchrow(sql.FIND_KEY, key_id, timeout=5)
-        stored = None
-        if row is not None:
-            projects = row["projects"]
-            stored = _StoredKey(
-                secret_hash=bytes(row["secret_hash"]),
-                principal=Principal(
-                    key_id=row["key_id"],
-                    entity=row["entity"],
-                    projects=frozenset(projects) if projects is not None else None,
-                ),
-                revoked=row["revoked"],
-            )
-        self._remember(key_id, stored)
+        async with self._pool.connection() as conn:
+            row = await conn.fetchrow(sql.FIND_KEY, key_id, timeout=self._pool.query_timeout)
+        if row is None:
+            self._remember_unknown(key_id)
+            return None
+        projects = row["projects"]
+        stored = _StoredKey(
+            secret_hash=bytes(row["secret_hash"]),
+            principal=Principal(
+                key_id=row["key_id"],
+                entity=row["entity"],
+                projects=frozenset(projects) if projects is not None else None,
+            ),
+            revoked=row["revoked"],
+        )
+        self._remember_known(key_id, stored)
         return stored
 
-    def _remember(self, key_id: str, stored: _StoredKey | None) -> None:
-        self._cache.pop(key_id, None)
-        while len(self._cache) >= self._max_entries:
-            del self._cache[next(iter(self._cache))]  # oldest first: dicts keep insertion order
-        self._cache[key_id] = (time.monotonic(), stored)
+    def _remember_known(self, key_id: str, stored: _StoredKey) -> None:
+        self._unknown.pop(key_id, None)
+        self._known.pop(key_id, None)
+        while len(self._known) >= self._max_entries:
+            del self._known[next(iter(self._known))]  # oldest first: dicts keep insertion order
+        self._known[key_id] = (time.monotonic(), stored)
+
+    def _remember_unknown(self, key_id: str) -> None:
+        self._known.pop(key_id, None)
+        self._unknown.pop(key_id, None)
+        while len(self._unknown) >= UNKNOWN_KEYS_REMEMBERED:
+            del self._unknown[next(iter(self._unknown))]
+        self._unknown[key_id] = time.monotonic()
+
+
+@dataclass(frozen=True)
+class _LastAnswer:
+    """What was last read about a key whose cache entry is stale, if anything."""
+
+    stored: _StoredKey | None
+    unknown_since: float | None
+
+    def stands(self, why: str, cause: BaseException | None = None) -> _StoredKey | None:
+        """The last answer, when there is one; AuthBackendUnavailable otherwise."""
+        if self.stored is not None or self.unknown_since is not None:
+            return self.stored
+        raise AuthBackendUnavailable(why) from cause

@@ -38,6 +38,8 @@ MAX_BATCH_ITEMS = MAX_BATCH_SCORES  # a batch request becomes one batch message
 MAX_DELETE_IDS = 1000
 DEFAULT_LIST_LIMIT = 10_000
 MAX_LIST_LIMIT = 1_000_000
+# Skipping costs PostgreSQL a walk over every row skipped; deeper pages take `after`.
+MAX_LIST_OFFSET = 10_000
 
 
 class ScoreReadRes(BaseModel):

@@ -122,7 +122,7 @@ async def read_score(scope: ProjectScope, score_id: UUID) -> bytes:
     """A stored score of the project as JSON; NotFound otherwise."""
     with database_unavailable_as_503():
         found = await repository.read_score(
-            scope.services.pool, scope.entity, scope.project, score_id
+            scope.services.read_pool, scope.entity, scope.project, score_id
         )
     if found is None:
         raise NotFound(f"no score {score_id} in {scope.entity}/{scope.project}")
@@ -134,11 +134,19 @@ async def list_scores(
     evaluation_run_id: str | None,
     limit: int,
     offset: int,
+    after: UUID | None,
 ) -> AsyncIterator[bytes]:
-    """The project's scores as JSON Lines, streamed from the database."""
+    """The project's scores as JSON Lines (after a score id, if given), streamed from the
+    database."""
     with database_unavailable_as_503():
         return await repository.open_score_stream(
-            scope.services.pool, scope.entity, scope.project, evaluation_run_id, limit, offset
+            scope.services.read_pool,
+            scope.entity,
+            scope.project,
+            evaluation_run_id,
+            limit,
+            offset,
+            after,
         )
 
 

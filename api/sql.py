@@ -31,13 +31,26 @@ FROM scores
 WHERE entity = $1 AND project = $2 AND score_id = $3
 """
 
-# Creation order is score_id order: score ids are UUIDv7.
-LIST_SCORES = """
+# A page of a list: creation order is score_id order (score ids are UUIDv7), and a page
+# starts after a score id (keyset paging), found in the index on (entity, project[,
+# evaluation_run_id], score_id), so a page deep into a project costs what the first does.
+# OFFSET serves only a list's first page, and the api bounds it. Two statements rather
+# than one with "$n IS NULL OR ...": a prepared statement's generic plan could not use the
+# evaluation run's index for that.
+LIST_SCORES_PAGE = """
 SELECT score_id, scorer, value::text AS value, evaluation_run_id, created_by
 FROM scores
-WHERE entity = $1 AND project = $2 AND ($3::text IS NULL OR evaluation_run_id = $3)
+WHERE entity = $1 AND project = $2 AND score_id > $3
 ORDER BY score_id
 LIMIT $4 OFFSET $5
+"""
+
+LIST_RUN_SCORES_PAGE = """
+SELECT score_id, scorer, value::text AS value, evaluation_run_id, created_by
+FROM scores
+WHERE entity = $1 AND project = $2 AND evaluation_run_id = $3 AND score_id > $4
+ORDER BY score_id
+LIMIT $5 OFFSET $6
 """
 
 # Exclusive per-project lock; inserts take it shared (worker/sql.py).

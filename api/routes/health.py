@@ -17,10 +17,19 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Ready when a publish could be confirmed now: the broker channel is open and unblocked."""
+    """Ready when a publish could be confirmed now: the broker channel is open and unblocked.
+
+    The database does not count: creates with cached keys need none, so taking every api
+    out of the load balancer while PostgreSQL is down or busy would turn a partial outage
+    into a full one. The body shows each database budget's connections in use, for people.
+    """
+    database = {
+        bounded.name: {"in_use": bounded.in_use, "max": bounded.max_size}
+        for bounded in (services.key_pool, services.pool, services.read_pool)
+    }
     if services.publisher.ready:
-        return JSONResponse({"status": "ready"})
-    return JSONResponse({"status": "broker unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready", "database": database})
+    return JSONResponse({"status": "broker unavailable", "database": database}, status_code=503)
 
 
 @router.get("/metrics")

@@ -1,10 +1,14 @@
 """HTTP endpoints of the scores resource."""
 
+import asyncio
+import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, Header, Query
 from fastapi.responses import Response, StreamingResponse
+from starlette.types import Message, Send
 
 from api import service
 from api.deps import ProjectScopeDep
@@ -13,6 +17,7 @@ from api.schemas import (
     DEFAULT_LIST_LIMIT,
     MAX_DELETE_IDS,
     MAX_LIST_LIMIT,
+    MAX_LIST_OFFSET,
     ErrorRes,
     ScoreBatchCreateBody,
     ScoreBatchCreateRes,
@@ -54,10 +59,53 @@ IdempotencyKeyHeader = Annotated[
     ),
 ]
 
-_MAX_BIGINT = 2**63 - 1
 CREATE_PATH = "/v2/{entity}/{project}/scores"
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(tags=["Scores"], route_class=PydanticJsonRoute)
+
+
+class _JsonLinesStream(StreamingResponse):
+    """A JSON Lines stream, cut when its client takes no chunk within send_timeout.
+
+    The server writes a chunk once the client has taken most of the one before (the ASGI
+    server's flow control); a client that stops reading would otherwise hold the request,
+    its chunk and its socket for as long as it likes. A cut stream ends without its last
+    chunk and the server closes the connection, so the client sees a truncated body,
+    never one that looks complete.
+    """
+
+    def __init__(self, chunks: AsyncIterator[bytes], send_timeout: float) -> None:
+        super().__init__(chunks, media_type="application/jsonl")
+        self._send_timeout = send_timeout
+
+    async def stream_response(self, send: Send) -> None:
+        """Send the headers and every chunk, each within send_timeout, then the end."""
+        start: Message = {
+            "type": "http.response.start",
+            "status": self.status_code,
+            "headers": self.raw_headers,
+        }
+        if not await self._send_in_time(send, start):
+            return
+        async for chunk in self.body_iterator:
+            body = chunk if isinstance(chunk, bytes | memoryview) else chunk.encode()
+            message: Message = {"type": "http.response.body", "body": body, "more_body": True}
+            if not await self._send_in_time(send, message):
+                return
+        await self._send_in_time(
+            send, {"type": "http.response.body", "body": b"", "more_body": False}
+        )
+
+    async def _send_in_time(self, send: Send, message: Message) -> bool:
+        try:
+            async with asyncio.timeout(self._send_timeout):
+                await send(message)
+        except TimeoutError:
+            log.warning("list stream cut: the client took no data for %s s", self._send_timeout)
+            return False
+        return True
 
 
 @router.post(
@@ -129,7 +177,10 @@ async def score_read(scope: ProjectScopeDep, score_id: UUID) -> Response:
     summary="List scores",
     description=(
         "Streams the project's stored scores as JSON Lines (one ScoreReadRes per line) in "
-        "creation order."
+        "creation order (score_id order). Page with `limit` and `after` (the last score_id "
+        f"of the page before); `offset` skips at most {MAX_LIST_OFFSET} scores. A client "
+        "that takes no data for LIST_SEND_TIMEOUT_SECONDS (default 10 s) has its stream "
+        "cut: the body ends without its last lines."
     ),
     response_class=StreamingResponse,
     responses={
@@ -151,11 +202,27 @@ async def score_list(
     limit: Annotated[
         int, Query(ge=1, le=MAX_LIST_LIMIT, description="Most scores to return")
     ] = DEFAULT_LIST_LIMIT,
-    offset: Annotated[int, Query(ge=0, le=_MAX_BIGINT, description="Scores to skip")] = 0,
+    offset: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=MAX_LIST_OFFSET,
+            description=f"Scores to skip, at most {MAX_LIST_OFFSET}; page deeper with `after`",
+        ),
+    ] = 0,
+    after: Annotated[
+        UUID | None,
+        Query(
+            description=(
+                "Only scores after this score_id (keyset paging: pass the last score_id of "
+                "the page before); `offset` then skips from there"
+            )
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """List scores."""
-    chunks = await service.list_scores(scope, evaluation_run_id, limit, offset)
-    return StreamingResponse(chunks, media_type="application/jsonl")
+    chunks = await service.list_scores(scope, evaluation_run_id, limit, offset, after)
+    return _JsonLinesStream(chunks, scope.services.settings.list_send_timeout_seconds)
 
 
 @router.delete(

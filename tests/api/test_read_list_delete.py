@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from api.keys import create_key
-from api.schemas import DEFAULT_LIST_LIMIT, MAX_DELETE_IDS, MAX_LIST_LIMIT
+from api.schemas import DEFAULT_LIST_LIMIT, MAX_DELETE_IDS, MAX_LIST_LIMIT, MAX_LIST_OFFSET
 from shared.contract import ScoreMessage
 from shared.ids import new_score_id
 from shared.settings import Settings
@@ -360,6 +360,8 @@ async def test_list_pages_concatenate_to_the_whole_list(
         ({"limit": MAX_LIST_LIMIT + 1}, ["query", "limit"]),
         ({"limit": "ten"}, ["query", "limit"]),
         ({"offset": -1}, ["query", "offset"]),
+        ({"offset": MAX_LIST_OFFSET + 1}, ["query", "offset"]),
+        ({"after": "not-a-uuid"}, ["query", "after"]),
         ({"evaluation_run_id": ""}, ["query", "evaluation_run_id"]),
     ],
 )
@@ -463,9 +465,14 @@ async def test_list_streams_a_large_project_in_order(
                 position += 1
         assert position == BIG_LIST_ROWS
 
-        response = await http.get(_url(), params={"offset": BIG_LIST_ROWS - 3})
+        # Deep into the project, keyset paging takes over from offsets.
+        response = await http.get(_url(), params={"after": expected[-4]})
         tail = [json.loads(line)["score_id"] for line in response.text.splitlines()]
         assert tail == expected[-3:]
+        response = await http.get(_url(), params={"after": expected[-4], "offset": 1})
+        assert [json.loads(line)["score_id"] for line in response.text.splitlines()] == (
+            expected[-2:]
+        )
         # Without a limit, the default one applies.
         response = await http.get(_url())
         lines = response.text.splitlines()
@@ -703,11 +710,11 @@ async def test_abandoned_list_streams_give_their_database_connection_back(
 ) -> None:
     rows = 20_000
     await _insert_directly(db, _key_id(api_key), rows)
-    small_pool = settings.model_copy(update={"db_pool_max_size": 2})
+    small_pool = settings.model_copy(update={"db_read_pool_max_size": 2})
 
     async with api_process(small_pool) as api:
         # Each client reads one line, then hangs up with most of the stream unread.
-        for _ in range(3 * small_pool.db_pool_max_size):
+        for _ in range(3 * small_pool.db_read_pool_max_size):
             async with (
                 httpx.AsyncClient(base_url=api.base_url, headers=basic_auth(api_key)) as http,
                 http.stream("GET", _url(), params={"limit": rows}) as response,
