@@ -48,8 +48,9 @@ from worker._metrics import (
 log = logging.getLogger(__name__)
 
 # What a message held costs besides its body: the body's decoded rows (a value's JSON text
-# is a second copy of its bytes) and the objects around it.
-_COPIES_HELD: Final = 2
+# is a second copy of its bytes), the driver's encoding of them while they are stored (a
+# third), and the objects around them.
+_COPIES_HELD: Final = 3
 _OVERHEAD_BYTES: Final = 1024
 # The broker's own Connection.Close on shutdown (and `rabbitmqctl close_connection`):
 # the connection was taken away, no message of ours was to blame.

@@ -12,6 +12,7 @@ from pydantic_core import from_json, to_json
 from shared.contract import (
     BATCH_MESSAGE_TYPE,
     CONTENT_TYPE,
+    MAX_SCORE_MESSAGE_BYTES,
     MESSAGE_TYPE,
     ScoreBatchMessage,
     ScoreMessage,
@@ -70,10 +71,14 @@ def _describe(exc: ValidationError) -> str:
 
 
 def decode_scores(
-    message: AbstractIncomingMessage, keys: Mapping[str, SigningKey]
+    message: AbstractIncomingMessage, keys: Mapping[str, SigningKey], max_batch_bytes: int
 ) -> list[ScoreRow]:
     """The rows of the scores a message carries (one, or a batch's); raises PoisonMessage
     otherwise.
+
+    A body larger than any valid message of its type (one score at its largest, or
+    max_batch_bytes, BROKER_MAX_MESSAGE_BYTES, for a batch) is refused before it is parsed:
+    parsing would cost the worker several times its size.
 
     A batch is all or nothing: one invalid score makes the whole message poison. A message
     the api signed under one of keys was validated there and is only parsed here; every
@@ -91,6 +96,13 @@ def decode_scores(
             f"type must be {MESSAGE_TYPE!r}, {BATCH_MESSAGE_TYPE!r} or unset, not {message.type!r}",
         )
     batch = message.type == BATCH_MESSAGE_TYPE
+    limit = max_batch_bytes if batch else MAX_SCORE_MESSAGE_BYTES
+    if len(message.body) > limit:
+        raise PoisonMessage(
+            DeadLetterReason.SCHEMA_VIOLATION,
+            f"the body takes {len(message.body)} bytes, more than a "
+            f"{message.type or MESSAGE_TYPE} message may ({limit})",
+        )
     if message.type and keys and message.headers:
         signature = message.headers.get(SIGNATURE_HEADER)
         if is_signed(keys, message.type, message.body, signature):

@@ -290,7 +290,11 @@ class ScoreWorker:
         if message.problem is not None:
             return message, PoisonMessage(DeadLetterReason.INVALID_PROPERTIES, message.problem)
         try:
-            return message, decode_scores(message, self._signing.keys if self._signing else {})
+            return message, decode_scores(
+                message,
+                self._signing.keys if self._signing else {},
+                self._settings.broker_max_message_bytes,
+            )
         except PoisonMessage as poison:
             return message, poison
         except Exception as exc:  # a failure on one message must not stop the others

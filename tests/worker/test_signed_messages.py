@@ -45,7 +45,7 @@ from shared.dead_letters import (
     DeadLetterReason,
     copy_with_headers,
 )
-from shared.settings import Settings
+from shared.settings import MIB, Settings
 from shared.signing import SIGNATURE_HEADER, SigningKey, is_signed, new_key, newest_keys, rotate
 from shared.topology import QUEUE
 from tests.conftest import (
@@ -439,11 +439,11 @@ async def test_signed_and_unsigned_api_messages_decode_and_store_the_same_rows(
             assert is_signed(key_ring, published.type, published.body, signature)
 
             before = decoded_so_far()
-            trusted = decode_scores(published, key_ring)
+            trusted = decode_scores(published, key_ring, 16 * MIB)
             # The api's body is in the shape the shortcut expects: it is really taken.
             assert decoded_since(before) == Checks(signature=1)
             before = decoded_so_far()
-            validated = decode_scores(published, {})
+            validated = decode_scores(published, {}, 16 * MIB)
             assert decoded_since(before) == Checks(validation=1)
             assert normalised(trusted) == normalised(validated)
             for row in (*trusted, *validated):
@@ -894,7 +894,7 @@ async def test_decoding_trusts_exactly_the_keys_it_is_given(
     async with connect_broker(settings) as broker:
         await broker.publish([signed("probe", key, api_body(fields))])
         (published,) = await broker.take(QUEUE, 1)
-    (row,) = decode_scores(published, {key.key_id: key})
+    (row,) = decode_scores(published, {key.key_id: key}, 16 * MIB)
     assert str(row.score_id) == fields["score_id"]
     stranger = new_key()
     for others in (
@@ -903,7 +903,7 @@ async def test_decoding_trusts_exactly_the_keys_it_is_given(
         {key.key_id: SigningKey(key.key_id, bytes(32))},
     ):
         with pytest.raises(PoisonMessage) as poison:
-            decode_scores(published, others)
+            decode_scores(published, others, 16 * MIB)
         assert poison.value.reason == _SCHEMA
         assert "probe" in poison.value.detail
 

@@ -22,6 +22,7 @@ from pydantic_core import to_json
 from shared.contract import (
     BATCH_MESSAGE_TYPE,
     CONTENT_TYPE,
+    MAX_SCORE_MESSAGE_BYTES,
     MAX_VALUE_BYTES,
     MESSAGE_TYPE,
 )
@@ -198,6 +199,8 @@ async def signing_key(db: asyncpg.Connection) -> SigningKey:
 async def test_direct_publishers_meet_the_apis_limits_and_unknown_fields_are_refused(
     db: asyncpg.Connection, settings: Settings, signing_key: SigningKey
 ) -> None:
+    # The smallest message limit there can be: one score at its largest.
+    settings = settings.model_copy(update={"broker_max_message_bytes": MAX_SCORE_MESSAGE_BYTES})
     at_limit = of_entity(ENTITY, value="v" * (MAX_VALUE_BYTES - 2))  # quotes make the limit
     too_big = "v" * (MAX_VALUE_BYTES - 1)
     sent = {
@@ -207,6 +210,19 @@ async def test_direct_publishers_meet_the_apis_limits_and_unknown_fields_are_ref
                 "batch-item-too-big", {"scores": [fields(), fields(value=too_big)]}, batch=True
             ),
             "scores.1.value: takes",
+        ),
+        # Bodies larger than any valid message of their type are refused before parsing.
+        "body-larger-than-a-score": (
+            message("body-larger-than-a-score", fields(value="v" * (2 * MAX_VALUE_BYTES))),
+            f"more than a score.create.v1 message may ({MAX_SCORE_MESSAGE_BYTES})",
+        ),
+        "batch-larger-than-the-message-limit": (
+            message(
+                "batch-larger-than-the-message-limit",
+                {"scores": [fields(value="v" * (MAX_VALUE_BYTES // 2))] * 3},
+                batch=True,
+            ),
+            f"more than a score.batch.v1 message may ({MAX_SCORE_MESSAGE_BYTES})",
         ),
         "unknown-field": (message("unknown-field", fields(extra=1)), "extra: Extra inputs"),
         # The api signs what it validated; a signed body with a field of no contract's is
