@@ -49,8 +49,9 @@ log = logging.getLogger(__name__)
 
 # What a message held costs besides its body: the body's decoded rows (a value's JSON text
 # is a second copy of its bytes), the driver's encoding of them while they are stored (a
-# third), and the objects around them.
-_COPIES_HELD: Final = 3
+# buffer that grows by doubling: up to two more), and the objects around them. Measured
+# with 1 MiB values (tests/test_hostile_run.py); fewer copies let the budget be overrun.
+_COPIES_HELD: Final = 4
 _OVERHEAD_BYTES: Final = 1024
 # The broker's own Connection.Close on shutdown (and `rabbitmqctl close_connection`):
 # the connection was taken away, no message of ours was to blame.
@@ -71,9 +72,9 @@ _SAFE_PROPERTIES: Final = (
 )
 
 
-def held_size(body: bytes) -> int:
-    """The bytes a message costs the worker while it holds it (budgeted, fitted)."""
-    return _COPIES_HELD * len(body) + _OVERHEAD_BYTES
+def held_size(body_size: int) -> int:
+    """The bytes a message with a body of body_size costs the worker while it holds it."""
+    return _COPIES_HELD * body_size + _OVERHEAD_BYTES
 
 
 class _Subscription:
@@ -97,7 +98,7 @@ class Delivery(IncomingMessage):
     ) -> None:
         super().__init__(delivered)
         self._subscription = subscription
-        self._size = held_size(delivered.body)
+        self._size = held_size(len(delivered.body))
         self._problem = problem
 
     @property

@@ -274,7 +274,7 @@ class ScoreWorker:
         """
         if not batch:
             return
-        mean_size = sum(held_size(message.body) for message, _ in batch) / len(batch)
+        mean_size = sum(held_size(len(message.body)) for message, _ in batch) / len(batch)
         share = self._settings.worker_prefetch_bytes // _WINDOW_SHARE_OF_BUDGET
         wanted = max(2, min(self._settings.worker_prefetch, int(share // mean_size)))
         current = self._wanted_window
