@@ -176,9 +176,9 @@ async def test_large_messages_shrink_the_window_and_the_broker_holds_back_the_ba
 async def test_small_messages_widen_the_window_again(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
-    # A window fits a quarter of the budget, counting each message twice (its body and its
-    # rows): 16 MiB fits WORKER_PREFETCH small messages, and 5 large ones.
-    settings = fitting(settings, worker_prefetch_bytes=16 * MIB)
+    # A window fits a quarter of the budget, counting each message four times its body:
+    # 32 MiB fits WORKER_PREFETCH small messages, and at most 5 large ones.
+    settings = fitting(settings, worker_prefetch_bytes=32 * MIB)
     large = [large_batch(f"large-{n}") for n in range(2)]
     small = singles(300, "small")
     everything = [score for scores, _ in large for score in scores] + small
@@ -189,7 +189,7 @@ async def test_small_messages_widen_the_window_again(
         await wait_for_gauge(worker, "at most 5", lambda value: value <= 5)
 
         await broker.publish_scores(small)
-        # 4 MiB / a few hundred bytes is more than WORKER_PREFETCH, so the window is the maximum.
+        # 8 MiB / a few kilobytes is more than WORKER_PREFETCH, so the window is the maximum.
         await wait_for_gauge(
             worker, "WORKER_PREFETCH again", lambda value: value == settings.worker_prefetch
         )
