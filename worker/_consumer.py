@@ -58,6 +58,7 @@ _OVERHEAD_BYTES: Final = 1024
 _CONNECTION_FORCED: Final = 320
 # Isolating a culprit ends when nothing is delivered for this long while nothing is held.
 _CAUTION_IDLE_SECONDS: Final = 1.0
+_SETTLE_SECONDS: Final = 2.0
 _FIRST_RECONNECT_DELAY: Final = 0.1
 _MAX_RECONNECT_DELAY: Final = 5.0
 _SAFE_PROPERTIES: Final = (
@@ -288,11 +289,14 @@ class Consumer:
         if subscription.channel.is_closed:
             return  # the broker took the message back when the channel closed
         try:
-            await frame()
-        except CONNECTION_EXCEPTIONS as exc:
+            # Bounded: on a connection that died under it, an ack's write may never complete,
+            # and every later batch waits for this one's acks.
+            async with asyncio.timeout(_SETTLE_SECONDS):
+                await frame()
+        except (TimeoutError, *CONNECTION_EXCEPTIONS) as exc:
             # The channel is gone, so the broker redelivers the message; storing it again is
             # a no-op.
-            log.warning("could not settle a message (%s); it will be redelivered", exc)
+            log.warning("could not settle a message (%r); it will be redelivered", exc)
 
     def _settled(self, subscription: _Subscription, tags: list[int]) -> None:
         sizes = [subscription.unsettled.pop(tag) for tag in tags if tag in subscription.unsettled]
@@ -367,16 +371,17 @@ class Consumer:
     async def _serve(self, subscription: _Subscription) -> None:
         """Apply window changes until the channel closes (raising why) or stop()."""
         closing = subscription.channel.closing
+        connection_closing = subscription.connection.closing
         try:
             while not self._stopping:
                 changed = asyncio.ensure_future(self._changed.wait())
                 await asyncio.wait(
-                    {closing, changed},
+                    {closing, connection_closing, changed},
                     timeout=_CAUTION_IDLE_SECONDS if self._cautious_remaining else None,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 changed.cancel()
-                if closing.done():
+                if closing.done() or connection_closing.done():
                     break
                 self._changed.clear()
                 if (
@@ -388,8 +393,11 @@ class Consumer:
                     self._changed.clear()
                 window = self._target_window()
                 if window != subscription.window and not self._stopping:
-                    await self._consume(subscription, window)
-            failure = closing.exception() if closing.done() and not closing.cancelled() else None
+                    # Bounded: an answer that never comes means the connection is gone.
+                    async with asyncio.timeout(self._settings.publish_timeout_seconds):
+                        await self._consume(subscription, window)
+            done = closing if closing.done() else connection_closing
+            failure = done.exception() if done.done() and not done.cancelled() else None
             if isinstance(failure, Exception):
                 raise failure
             if failure is not None:  # aiormq closes with CancelledError by default
