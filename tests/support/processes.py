@@ -6,6 +6,7 @@ kept and printed on the way out, so a failing test shows what the process said.
 """
 
 import asyncio
+import codecs
 import contextlib
 import os
 import signal
@@ -40,6 +41,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_READY_LINE = "worker consuming"
 START_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 15.0
+_OUTPUT_CHUNK_BYTES = 65536
 
 
 class ProcessFailed(AssertionError):
@@ -71,13 +73,13 @@ class CliProcess:
         self._env = settings_env(settings)
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._lines: list[str] = []
+        self._chunks: list[str] = []
         self._new_output = asyncio.Event()
 
     @property
     def output(self) -> str:
         """Everything the process wrote to stdout and stderr so far."""
-        return "".join(self._lines)
+        return "".join(self._chunks)
 
     @property
     def pid(self) -> int:
@@ -176,10 +178,15 @@ class CliProcess:
         return self._process
 
     async def _collect_output(self, process: asyncio.subprocess.Process) -> None:
+        # In chunks, not lines: a line longer than the stream's limit (a `dlq export` of a
+        # large letter is one line) would end a readline loop and leave the pipe undrained,
+        # the child blocked on writing and its exit never seen.
         assert process.stdout is not None
-        while line := await process.stdout.readline():
-            self._lines.append(line.decode(errors="replace"))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := await process.stdout.read(_OUTPUT_CHUNK_BYTES):
+            self._chunks.append(decoder.decode(chunk))
             self._new_output.set()
+        self._chunks.append(decoder.decode(b"", final=True))
         self._new_output.set()
 
 
