@@ -8,10 +8,11 @@ aio-pika's robust `queue.consume` is not used here, for three reasons:
   Here every delivery reaches the worker; one whose properties cannot be read arrives
   with `problem` set and is dead-lettered like any other poison.
 - RabbitMQ's prefetch counts messages, not bytes, so a window fitted to small messages
-  can be filled with large ones. The channel's reader stops taking deliveries while the
-  messages held take `WORKER_PREFETCH_BYTES` or more: aiormq's frame queues fill, the
-  socket is no longer read and TCP holds the broker back. That blocks every channel of
-  the connection, so nothing else (dead letters and their confirms, queue polls) uses it.
+  can be filled with large ones. Once the channel's reader has a delivery's content
+  header (its body size), it reads the body only if the message fits in
+  `WORKER_PREFETCH_BYTES` beside those held: aiormq's frame queues fill, the socket is no
+  longer read and TCP holds the broker back. That blocks every channel of the
+  connection, so nothing else (dead letters and their confirms, queue polls) uses it.
 - After an unexplained loss of the connection the worker must not take its full window
   again: if one message killed the connection, it would spend a delivery of every
   message delivered with it, each time. The consumer takes one message at a time until
@@ -49,8 +50,9 @@ log = logging.getLogger(__name__)
 
 # What a message held costs besides its body: the body's decoded rows (a value's JSON text
 # is a second copy of its bytes), the driver's encoding of them while they are stored (a
-# buffer that grows by doubling: up to two more), and the objects around them. Measured
-# with 1 MiB values (tests/test_hostile_run.py); fewer copies let the budget be overrun.
+# buffer that grows by doubling: up to two more), and the objects around them. Measured:
+# one 15 MiB batch of 1 MiB values grows the worker by 58 MiB while it is stored, 3.9
+# copies (with cli.main's fixed mmap threshold); fewer copies let the budget be overrun.
 _COPIES_HELD: Final = 4
 _OVERHEAD_BYTES: Final = 1024
 # The broker's own Connection.Close on shutdown (and `rabbitmqctl close_connection`):
@@ -86,6 +88,8 @@ class _Subscription:
         self.channel = channel
         self.consumer_tags: list[str] = []
         self.window = 0
+        # Bytes of deliveries whose body is being read, or read and not yet handed over.
+        self.reserved = 0
         # delivery tag -> bytes held, in delivery order (tags only grow on a channel).
         self.unsettled: dict[int, int] = {}
 
@@ -334,7 +338,7 @@ class Consumer:
                 channel = await connection.channel(publisher_confirms=False)
                 assert isinstance(channel, aiormq.Channel)
                 subscription = _Subscription(connection, channel)
-                self._gate(channel)
+                self._gate(subscription)
                 await self._consume(subscription, self._target_window())
         except BaseException:
             with contextlib.suppress(Exception):
@@ -433,33 +437,44 @@ class Consumer:
             self._cautious_remaining,
         )
 
-    def _gate(self, channel: aiormq.Channel) -> None:
-        """Make the channel's reader wait, before it reads a delivery, while the messages
-        held take the byte budget or more.
+    def _gate(self, subscription: _Subscription) -> None:
+        """Make the channel's reader wait, once it has read a delivery's content header and
+        before it reads the body, until the message fits in the byte budget beside those
+        held (a message larger than the whole budget is read once nothing else is held).
 
-        aiormq reads a delivery's frames and starts the consumer callback as a task; a
-        callback cannot hold the reader back, so the wait goes around the reader's own step.
+        The header gives the body's size before any of it is read, so the budget is kept
+        exactly: nothing beyond it is read off the socket, and TCP holds the broker back.
+        aiormq starts the consumer callback as a task after reading a body, so the bytes are
+        reserved here and handed to the delivery when the callback runs.
         """
-        deliver = channel._on_deliver_frame
-        if not asyncio.iscoroutinefunction(deliver):
-            raise RuntimeError("aiormq changed: Channel._on_deliver_frame is gone")
+        channel = subscription.channel
+        read_content = channel._read_content
+        if not asyncio.iscoroutinefunction(read_content):
+            raise RuntimeError("aiormq changed: Channel._read_content is gone")
 
-        async def gated(frame: spec.Basic.Deliver) -> None:
-            while self._held_bytes >= self._budget and not self._stopping:
+        async def gated(frame: Any, header: ContentHeader) -> DeliveredMessage:
+            size = held_size(header.body_size or 0)
+            while not self._stopping:
+                taken = self._held_bytes + subscription.reserved
+                if not taken or taken + size <= self._budget:
+                    break
                 self._room.clear()
                 await self._room.wait()
-            await deliver(frame)
-            # The callback aiormq just scheduled counts the message's bytes before the next
-            # delivery is looked at.
-            await asyncio.sleep(0)
+            subscription.reserved += size
+            try:
+                return await read_content(frame, header)
+            except BaseException:
+                subscription.reserved -= size
+                raise
 
-        channel._on_deliver_frame = gated  # type: ignore[method-assign]
+        channel._read_content = gated  # type: ignore[method-assign]
 
     def _on_delivery(self, subscription: _Subscription, delivered: DeliveredMessage) -> None:
         message = _readable(delivered, subscription)
         tag = message.delivery_tag or 0
         self._last_delivery = time.monotonic()
         subscription.unsettled[tag] = message._size
+        subscription.reserved -= message._size
         self._held_bytes += message._size
         if self._waiting_since is None:
             self._waiting_since = time.monotonic()
