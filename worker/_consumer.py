@@ -210,7 +210,8 @@ class Consumer:
             subscription: _Subscription | None = None
             failure: BaseException | None = None
             try:
-                subscription = await self._subscribe()
+                subscription = await self._connect()
+                await self._subscribe(subscription)
                 delay = _FIRST_RECONNECT_DELAY
                 await self._serve(subscription)
             except Exception as exc:  # whatever went wrong, the worker reconnects
@@ -325,30 +326,39 @@ class Consumer:
         log.info("consuming with the full window again: %s", why)
         self._changed.set()
 
-    async def _subscribe(self) -> _Subscription:
+    async def _connect(self) -> _Subscription:
+        """A connection of its own and a channel on it, not consuming yet."""
         settings = self._settings
         connection = aiormq.Connection(
             settings.amqp_url, client_properties={"connection_name": "score-ingest-worker"}
         )
         try:
-            # Bounded as a whole: a broker that accepts the connection and then says nothing
-            # must not hold the worker's consuming up for ever.
+            # Bounded: a broker that accepts the connection and then says nothing must not
+            # hold the worker's consuming up for ever.
             async with asyncio.timeout(settings.publish_timeout_seconds):
                 await connection.connect()
                 channel = await connection.channel(publisher_confirms=False)
-                assert isinstance(channel, aiormq.Channel)
-                subscription = _Subscription(connection, channel)
-                self._gate(subscription)
-                await self._consume(subscription, self._target_window())
         except BaseException:
             with contextlib.suppress(Exception):
                 await connection.close()
             raise
+        assert isinstance(channel, aiormq.Channel)
+        return _Subscription(connection, channel)
+
+    async def _subscribe(self, subscription: _Subscription) -> None:
+        """Start consuming on the subscription's channel, through the byte gate.
+
+        A failure here may come after the broker delivered a window (the connection can die
+        before the consume's answer is read), so the caller treats it as a loss of this
+        subscription, with its window.
+        """
+        self._gate(subscription)
+        async with asyncio.timeout(self._settings.publish_timeout_seconds):
+            await self._consume(subscription, self._target_window())
         self._subscription = subscription
         self._subscriptions.add(subscription)
         self._connected.set()
         log.info("consuming %s with a window of %d", self._queue, subscription.window)
-        return subscription
 
     def _target_window(self) -> int:
         return 1 if self._cautious_remaining else self._wanted
@@ -360,6 +370,8 @@ class Consumer:
         channel = subscription.channel
         await channel.basic_qos(prefetch_count=window)
         replaced = subscription.consumer_tags
+        # From here the broker may deliver up to this window, whatever happens next.
+        subscription.window = max(subscription.window, window)
 
         async def on_delivery(delivered: DeliveredMessage) -> None:
             self._on_delivery(subscription, delivered)
@@ -367,10 +379,10 @@ class Consumer:
         consume_ok = await channel.basic_consume(self._queue, on_delivery)
         assert consume_ok.consumer_tag is not None
         subscription.consumer_tags = [consume_ok.consumer_tag]
-        subscription.window = window
-        PREFETCH.set(window)
         for tag in replaced:
             await channel.basic_cancel(tag)
+        subscription.window = window
+        PREFETCH.set(window)
 
     async def _serve(self, subscription: _Subscription) -> None:
         """Apply window changes until the channel closes (raising why) or stop()."""
@@ -423,6 +435,9 @@ class Consumer:
         closing.add_done_callback(self._closing.discard)
         if not subscription.unsettled:
             self._subscriptions.discard(subscription)
+        if not subscription.window:
+            log.warning("could not consume %s: %r", self._queue, failure)
+            return
         if explained:
             log.warning("the broker closed the consuming connection: %r", failure)
             return
