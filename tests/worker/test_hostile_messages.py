@@ -171,10 +171,6 @@ def limited(settings: Settings, vhosts: VhostFactory | str) -> Settings:
     )
 
 
-# About one run in five stored nothing for 30 s after the first drop, until settling was
-# bounded (an ack on a dead connection stalled every later batch). The reruns stay until
-# enough clean runs show that was the whole cause; they are not a fix.
-@pytest.mark.flaky(reruns=2)
 async def test_a_message_that_kills_the_connection_is_isolated_and_spends_no_one_elses_deliveries(
     limited: Settings, db: asyncpg.Connection
 ) -> None:
