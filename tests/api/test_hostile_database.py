@@ -10,7 +10,6 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -23,7 +22,6 @@ from api.app import create_app
 from api.keys import create_key
 from api.repository import BoundedPool
 from api.schemas import MAX_LIST_OFFSET
-from shared.ids import new_score_id
 from shared.settings import Settings
 from tests.conftest import (
     ENTITY,
@@ -35,6 +33,7 @@ from tests.conftest import (
     serving,
 )
 from tests.support.processes import free_port, wait_until
+from tests.support.rows import copy_scores
 from tests.support.tcp_proxy import TcpProxy
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
@@ -88,38 +87,12 @@ async def serving_over_tcp(settings: Settings) -> AsyncIterator[TcpApi]:
 
 async def _insert_rows(db: asyncpg.Connection, rows: int, value_bytes: int) -> list[str]:
     """COPY scores straight into the table, each with a value of about value_bytes."""
-    score_ids = sorted(new_score_id() for _ in range(rows))
-    scorer = f"weave:///{ENTITY}/{PROJECT}/op/exact_match:abc123"
-    now = datetime.now(UTC)
-    await db.copy_records_to_table(
-        "scores",
-        columns=[
-            "score_id",
-            "entity",
-            "project",
-            "prediction_id",
-            "scorer",
-            "value",
-            "evaluation_run_id",
-            "created_at",
-            "created_by",
-        ],
-        records=(
-            (
-                score_id,
-                ENTITY,
-                PROJECT,
-                f"p-{i}",
-                scorer,
-                json.dumps({"i": i, "pad": "x" * value_bytes}),
-                f"run-{i % 2}",
-                now,
-                "key-tests",
-            )
-            for i, score_id in enumerate(score_ids)
-        ),
+    return await copy_scores(
+        db,
+        rows,
+        value=lambda i: json.dumps({"i": i, "pad": "x" * value_bytes}),
+        evaluation_run_id=lambda i: f"run-{i % 2}",
     )
-    return [str(score_id) for score_id in score_ids]
 
 
 @contextlib.asynccontextmanager

@@ -4,7 +4,6 @@ import asyncio
 import json
 import re
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -26,6 +25,7 @@ from tests.support.processes import (
     score_message,
     wait_until,
 )
+from tests.support.rows import copy_scores
 from worker import sql as worker_sql
 from worker.worker import ScoreWorker
 
@@ -417,37 +417,10 @@ async def test_list_never_shows_another_projects_scores(
         assert [item["score_id"] for item in listed] == expected
 
 
-async def _insert_directly(db: asyncpg.Connection, key_id: str, rows: int) -> list[str]:
-    """COPY rows straight into scores, bypassing the broker; returns their ids in order."""
-    score_ids = sorted(new_score_id() for _ in range(rows))
-    assert len(set(score_ids)) == rows
-    scorer = f"weave:///{ENTITY}/{PROJECT}/op/exact_match:abc123"
-    now = datetime.now(UTC)
-    await db.copy_records_to_table(
-        "scores",
-        columns=[
-            "score_id",
-            "entity",
-            "project",
-            "prediction_id",
-            "scorer",
-            "value",
-            "evaluation_run_id",
-            "created_at",
-            "created_by",
-        ],
-        records=(
-            (score_id, ENTITY, PROJECT, f"p-{i}", scorer, str(i), "run-big", now, key_id)
-            for i, score_id in enumerate(score_ids)
-        ),
-    )
-    return [str(score_id) for score_id in score_ids]
-
-
 async def test_list_streams_a_large_project_in_order(
     settings: Settings, api_key: str, db: asyncpg.Connection
 ) -> None:
-    expected = await _insert_directly(db, _key_id(api_key), BIG_LIST_ROWS)
+    expected = await copy_scores(db, BIG_LIST_ROWS, created_by=_key_id(api_key))
 
     async with (
         api_process(settings) as api,
@@ -709,7 +682,7 @@ async def test_abandoned_list_streams_give_their_database_connection_back(
     settings: Settings, api_key: str, db: asyncpg.Connection
 ) -> None:
     rows = 20_000
-    await _insert_directly(db, _key_id(api_key), rows)
+    await copy_scores(db, rows, created_by=_key_id(api_key))
     small_pool = settings.model_copy(update={"db_read_pool_max_size": 2})
 
     async with api_process(small_pool) as api:
