@@ -12,9 +12,9 @@ from typing import Any
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pydantic_core import to_json
 
+from api.amqp import ConfirmingPublisher, MessageProperties, PublishFailed
 from api.errors import BrokerUnavailable
 from api.metrics import PUBLISH_CONFIRM_SECONDS, PUBLISH_FAILURES, SCORES_ACCEPTED
-from shared.amqp import ConfirmingPublisher, MessageProperties, PublishFailed
 from shared.broker import MAX_BACKOFF_SECONDS, retry_until_connected
 from shared.contract import (
     BATCH_MESSAGE_TYPE,

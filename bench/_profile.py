@@ -34,7 +34,7 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
     "service: build messages": ("api/service.py",),
     "publisher: publish + await confirm": ("api/publisher.py",),
     "AMQP client (aio-pika, aiormq, pamqp)": ("aio_pika/", "aiormq/", "pamqp/"),
-    "api's AMQP publisher (shared/amqp.py)": ("shared/amqp.py",),
+    "api's AMQP publisher (api/amqp.py)": ("api/amqp.py",),
     "Prometheus client": ("prometheus_client/",),
     "logging": ("logging/__init__.py",),
     "worker: batching and acks": ("worker/worker.py",),

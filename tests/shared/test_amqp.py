@@ -1,4 +1,4 @@
-"""ConfirmingPublisher (shared/amqp.py) against the real broker: frames, confirms, failures.
+"""ConfirmingPublisher (api/amqp.py) against the real broker: frames, confirms, failures.
 
 Every test declares exchanges and queues of its own, uniquely named, in the session's vhost
 (with aio-pika, which also reads back what arrived) and deletes them afterwards. Faults of
@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp import commands, frame
 from pamqp.header import ContentHeader
 
-from shared.amqp import ConfirmingPublisher, MessageProperties, PublishFailed, encode_header
+from api.amqp import ConfirmingPublisher, MessageProperties, PublishFailed, encode_header
 from tests.support.processes import free_port
 from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
 from tests.support.tcp_proxy import TcpProxy

@@ -1,4 +1,4 @@
-"""String headers on the lean publisher (shared/amqp.py): the field table it writes, and what
+"""String headers on the lean publisher (api/amqp.py): the field table it writes, and what
 RabbitMQ delivers.
 
 The header frame is decoded by pamqp, an independent implementation of AMQP 0-9-1, and the
@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp import frame
 from pamqp.header import ContentHeader
 
-from shared.amqp import ConfirmingPublisher, MessageProperties, encode_header
+from api.amqp import ConfirmingPublisher, MessageProperties, encode_header
 from shared.signing import SIGNATURE_HEADER, new_key
 
 PROPERTIES = MessageProperties("application/json", "score.create.v1", "score-ingest")
