@@ -1,7 +1,5 @@
 """The FastAPI application: connections made in the lifespan, routes, limits, error mapping."""
 
-import asyncio
-import contextlib
 import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +17,6 @@ from api.repository import create_bounded_pool
 from api.request_gate import RequestGate
 from api.routes import health, scores
 from shared.settings import Settings, get_settings
-from shared.signing import KeyRing
 
 # We export Prometheus metrics and JSON logs, not OpenTelemetry. FastAPI's native telemetry
 # would otherwise look up the global OpenTelemetry providers on every request.
@@ -44,10 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         key_pool = await bounded_pool("keys", max_size=settings.auth_lookup_concurrency)
         pool = await bounded_pool("writes", max_size=settings.db_pool_max_size)
         read_pool = await bounded_pool("reads", max_size=settings.db_read_pool_max_size)
-        signing = KeyRing(pool.pool)
-        await signing.try_refresh()
-        refreshing = asyncio.create_task(signing.keep_fresh())
-        publisher = ScorePublisher(settings, signing)
+        publisher = ScorePublisher(settings)
         publisher.start()
         app.state.services = Services(
             settings=settings,
@@ -66,9 +60,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            refreshing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await refreshing
             await publisher.close()
             for bounded in (read_pool, pool, key_pool):
                 await bounded.close()

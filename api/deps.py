@@ -42,8 +42,8 @@ class Services:
     """What the app made in its lifespan, for the routes to use.
 
     Three budgets of database connections, so that no kind of request can starve another:
-    `key_pool` for key lookups (the verifier's), `pool` for writes (deletes,
-    Idempotency-Keys, signing keys) and `read_pool` for reads and lists.
+    `key_pool` for key lookups (the verifier's), `pool` for writes (deletes and
+    Idempotency-Keys) and `read_pool` for reads and lists.
     """
 
     settings: Settings

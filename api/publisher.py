@@ -1,4 +1,8 @@
-"""Publishing scores with publisher confirms: a score is ours only once the broker said so."""
+"""Publishing scores with publisher confirms: a score is ours only once the broker said so.
+
+The api publishes to exchange `scores.api`, which only its broker user may write to: the
+worker stores what comes through it without validating it again (README, "Trust model").
+"""
 
 import asyncio
 import contextlib
@@ -24,8 +28,7 @@ from shared.contract import (
 )
 from shared.ids import new_score_id
 from shared.settings import Settings
-from shared.signing import SIGNATURE_HEADER, KeyRing
-from shared.topology import EXCHANGE, ROUTING_KEY, declare_topology_once
+from shared.topology import API_EXCHANGE, ROUTING_KEY, declare_topology_once
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +54,8 @@ class ScorePublisher:
     connection is up, and while the broker blocks publishers, publishes fail at once (503).
     """
 
-    def __init__(self, settings: Settings, signing: KeyRing) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._signing = signing
         self._connection: ConfirmingPublisher | None = None
         self._connected = asyncio.Event()
         self._keeping: asyncio.Task[None] | None = None
@@ -176,21 +178,17 @@ class ScorePublisher:
         message_id: str,
         outcomes: list[asyncio.Future[None]],
     ) -> None:
-        # Signed, the worker stores it without validating it again (shared/signing.py).
-        key = self._signing.newest
-        headers = {SIGNATURE_HEADER: key.sign(properties.message_type, body)} if key else None
         started = time.perf_counter()
         try:
             if self._connection is None:
                 raise PublishFailed("unavailable", "not connected to the message broker")
             confirm = self._connection.publish(
-                EXCHANGE,
+                API_EXCHANGE,
                 ROUTING_KEY,
                 body,
                 properties,
                 message_id=message_id,
                 timestamp=datetime.now(UTC),
-                headers=headers,
             )
         except PublishFailed as exc:
             confirm = asyncio.get_running_loop().create_future()

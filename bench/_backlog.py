@@ -2,8 +2,8 @@
 
 A backlog is counted in scores; it is queued either as one score.create.v1 message per
 score or as score.batch.v1 messages of several scores each (`bench._frames.MessageKind`),
-published straight to the broker as a direct publisher would, or posted to the api's batch
-endpoint, whose messages the api signs (shared/signing.py).
+published straight to the broker (exchange `scores`) as a direct publisher would, or posted
+to the api's batch endpoint, whose messages the api publishes to exchange `scores.api`.
 """
 
 import asyncio
@@ -23,7 +23,7 @@ from shared.topology import QUEUE
 
 _POLL_SECONDS = 0.25
 _PERSISTED_METRIC = "score_ingest_scores_persisted_total "
-_SIGNED_METRIC = 'score_ingest_messages_decoded_total{check="signature"} '
+_API_EXCHANGE_METRIC = 'score_ingest_messages_decoded_total{check="api_exchange"} '
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class DrainResult:
     rows: int
     rows_per_s: float
     queue_ready_after: int
-    signed_messages: int  # decoded by their api signature, not validated again
+    api_exchange_messages: int  # came through scores.api: parsed, not validated again
     worker_rss_after_start_kib: int
     worker_rss_last_kib: int
     worker_rss_peak_kib: int
@@ -241,7 +241,7 @@ async def measure_drain(
                 side_task = asyncio.create_task(while_draining(worker.pid))
             await asyncio.sleep(_POLL_SECONDS)
         ended = time.monotonic()
-        signed = await _counter(session, metrics_url, _SIGNED_METRIC)
+        trusted = await _counter(session, metrics_url, _API_EXCHANGE_METRIC)
     if side_task is not None:
         await side_task
     seconds = ended - worker.started_at
@@ -265,7 +265,7 @@ async def measure_drain(
         rows=rows,
         rows_per_s=round(rows / commit_span, 1) if commit_span > 0 else 0.0,
         queue_ready_after=await queue_depth(amqp_url),
-        signed_messages=signed,
+        api_exchange_messages=trusted,
         worker_rss_after_start_kib=after_start,
         worker_rss_last_kib=samples[-1][1],
         worker_rss_peak_kib=peak,

@@ -7,10 +7,10 @@ Phases, in order (BENCHMARKS.md explains each and how to read the results):
 3. py-spy profiles of the api under the same wrk loads;
 4. backlogs queued with no worker running, then drained by one worker: a drain-rate
    backlog three times, as single-score messages published straight to the broker, as
-   score.batch.v1 messages of 500 posted to an api's batch endpoint (signed by the api), and
-   as the same batch messages published straight to the broker (unsigned, so validated in
-   full); then 10k vs 1M single-score messages for the worker's memory (the worker is
-   profiled while it drains the 1M backlog).
+   score.batch.v1 messages of 500 posted to an api's batch endpoint (published by the api to
+   exchange `scores.api`), and as the same batch messages published straight to exchange
+   `scores` (so validated in full); then 10k vs 1M single-score messages for the worker's
+   memory (the worker is profiled while it drains the 1M backlog).
 
 Writes bench/results.json and bench/throughput_latency.png, prints every target as PASS or
 FAIL, and exits 1 when any fails (2 when the bench itself could not run).
@@ -462,7 +462,8 @@ async def _backlogs(run: _Run) -> None:
         return {**published.to_json(), "cpu_percent": cpu}
 
     async def post(count: int, project: str) -> dict[str, Any]:
-        """The api's own batch messages, signed: an api runs alone and takes batch POSTs."""
+        """The api's own batch messages, through `scores.api`: an api runs alone and takes
+        batch POSTs."""
         run.note_load(f"post-{project}")
         requests = messages_for(count, "batch", BATCH_SIZE)
         _say(f"posting {requests:,} batches of {BATCH_SIZE} to an api (no worker running)")
@@ -657,13 +658,13 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
             backlog["large"]["drained"] >= results["settings"]["large_drain"],
         ),
         Verdict(
-            "the worker took the api's messages by their signature, the direct ones by validation",
-            f"{backlog['drain_batch']['signed_messages']} of"
-            f" {backlog['drain_batch']['messages']} api messages signed,"
-            f" {backlog['drain_batch_direct']['signed_messages']} direct ones",
+            "the worker took the api's messages by their exchange, the direct ones by validation",
+            f"{backlog['drain_batch']['api_exchange_messages']} of"
+            f" {backlog['drain_batch']['messages']} api messages through scores.api,"
+            f" {backlog['drain_batch_direct']['api_exchange_messages']} direct ones",
             "all, and none",
-            backlog["drain_batch"]["signed_messages"] == backlog["drain_batch"]["messages"]
-            and backlog["drain_batch_direct"]["signed_messages"] == 0,
+            backlog["drain_batch"]["api_exchange_messages"] == backlog["drain_batch"]["messages"]
+            and backlog["drain_batch_direct"]["api_exchange_messages"] == 0,
         ),
         *(
             Verdict(
@@ -706,7 +707,7 @@ def _reported(results: dict[str, Any]) -> list[str]:
         f" {routed / http['naive']['requests_per_s']:.2f}x naive,"
         f" {routed / http['bare']['requests_per_s']:.2f}x bare",
         *drains,
-        f"drain of direct publishers' (unsigned, fully validated) batch messages vs batch"
+        f"drain of direct publishers' (fully validated) batch messages vs batch"
         f" accept: {direct / batch:.2f}x ({direct:,.0f} vs {batch:,.0f} scores/s)",
     ]
 

@@ -7,8 +7,6 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
-from shared import signing
-
 log = logging.getLogger(__name__)
 
 # What makes the database unreachable, as opposed to a bug in our SQL or bad data.
@@ -108,8 +106,6 @@ async def migrate(url: str) -> list[int]:
                     await conn.execute(_RECORD_MIGRATION, migration.version, migration.name)
                 log.info("applied migration %04d_%s", migration.version, migration.name)
                 done.append(migration.version)
-            if await signing.ensure_key(conn):
-                log.info("created the first message signing key")
             return done
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK_KEY)

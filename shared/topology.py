@@ -1,9 +1,13 @@
 """The broker topology: a public contract that direct publishers rely on.
 
 Exchange `scores` (topic) routes `score.create` to quorum queue `scores.persist`, whose dead
-letters go through exchange `scores.dlx` to quorum queue `scores.dead`. Declaring is
-idempotent; queue arguments cannot change once a queue exists (RabbitMQ refuses the
-declaration with PRECONDITION_FAILED), so changing them means draining and deleting it.
+letters go through exchange `scores.dlx` to quorum queue `scores.dead`. Exchange `scores.api`
+(direct) routes `score.create` to the same queue: the api publishes there and nowhere else,
+and the broker's permissions let no other user write to it, so the worker trusts what comes
+through it as validated by the api (worker/decode.py; README, "Trust model").
+
+Declaring is idempotent; queue arguments cannot change once a queue exists (RabbitMQ refuses
+the declaration with PRECONDITION_FAILED), so changing them means draining and deleting it.
 """
 
 from dataclasses import dataclass
@@ -16,6 +20,9 @@ from pamqp.common import FieldTable
 from shared.settings import Settings
 
 EXCHANGE: Final = "scores"
+# Only the api's broker user may write to it (a permission, not a property of the exchange:
+# it is not a RabbitMQ `internal` exchange, which no client could publish to).
+API_EXCHANGE: Final = "scores.api"
 ROUTING_KEY: Final = "score.create"
 QUEUE: Final = "scores.persist"
 DEAD_LETTER_EXCHANGE: Final = "scores.dlx"
@@ -40,6 +47,7 @@ class Topology:
     """Handles to the declared exchanges and queues, on the channel that declared them."""
 
     exchange: AbstractExchange
+    api_exchange: AbstractExchange
     dead_letter_exchange: AbstractExchange
     queue: AbstractQueue
     dead_letter_queue: AbstractQueue
@@ -55,6 +63,9 @@ async def declare_topology_once(settings: Settings, connect_timeout: float) -> N
 async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topology:
     """Declare exchanges, queues and bindings; safe to run any number of times."""
     exchange = await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    api_exchange = await channel.declare_exchange(
+        API_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+    )
     dead_letter_exchange = await channel.declare_exchange(
         DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
     )
@@ -66,4 +77,5 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
         QUEUE, durable=True, arguments=persist_queue_arguments(settings)
     )
     await persist.bind(exchange, routing_key=ROUTING_KEY)
-    return Topology(exchange, dead_letter_exchange, persist, dead)
+    await persist.bind(api_exchange, routing_key=ROUTING_KEY)
+    return Topology(exchange, api_exchange, dead_letter_exchange, persist, dead)

@@ -1,6 +1,5 @@
 """Turning a delivered message into rows to store, or saying why it never can be."""
 
-from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -18,10 +17,10 @@ from shared.contract import (
     ScoreMessage,
 )
 from shared.dead_letters import MAX_DETAIL_CHARS, DeadLetterReason
-from shared.signing import SIGNATURE_HEADER, SigningKey, is_signed
+from shared.topology import API_EXCHANGE
 from worker._metrics import MESSAGES_DECODED
 
-_BY_SIGNATURE = MESSAGES_DECODED.labels("signature")
+_BY_API_EXCHANGE = MESSAGES_DECODED.labels("api_exchange")
 _BY_VALIDATION = MESSAGES_DECODED.labels("validation")
 
 
@@ -70,9 +69,7 @@ def _describe(exc: ValidationError) -> str:
     )
 
 
-def decode_scores(
-    message: AbstractIncomingMessage, keys: Mapping[str, SigningKey], max_batch_bytes: int
-) -> list[ScoreRow]:
+def decode_scores(message: AbstractIncomingMessage, max_batch_bytes: int) -> list[ScoreRow]:
     """The rows of the scores a message carries (one, or a batch's); raises PoisonMessage
     otherwise.
 
@@ -81,8 +78,11 @@ def decode_scores(
     parsing would cost the worker several times its size.
 
     A batch is all or nothing: one invalid score makes the whole message poison. A message
-    the api signed under one of keys was validated there and is only parsed here; every
-    other message is validated in full (shared/signing.py).
+    that came through exchange `scores.api` was published by the api, which validated it, so
+    it is only parsed here; every other message (a direct publisher's, a replayed dead
+    letter) is validated in full. The exchange is the broker's word, not the publisher's:
+    it is the one the message was published to, kept on redeliveries, and only the api's
+    broker user may write to `scores.api` (README, "Trust model").
     """
     media_type = (message.content_type or "").partition(";")[0].strip().lower()
     if media_type != CONTENT_TYPE:
@@ -103,13 +103,11 @@ def decode_scores(
             f"the body takes {len(message.body)} bytes, more than a "
             f"{message.type or MESSAGE_TYPE} message may ({limit})",
         )
-    if message.type and keys and message.headers:
-        signature = message.headers.get(SIGNATURE_HEADER)
-        if is_signed(keys, message.type, message.body, signature):
-            rows = _signed_rows(message.body, batch)
-            if rows is not None:
-                _BY_SIGNATURE.inc()
-                return rows
+    if message.exchange == API_EXCHANGE:
+        rows = _api_rows(message.body, batch)
+        if rows is not None:
+            _BY_API_EXCHANGE.inc()
+            return rows
     _BY_VALIDATION.inc()
     try:
         if batch:
@@ -125,13 +123,14 @@ def decode_scores(
     return [row_of(score) for score in scores]
 
 
-def _signed_rows(body: bytes, batch: bool) -> list[ScoreRow] | None:
-    """The rows of a body the api validated and signed, as ScoreMessage would give them.
+def _api_rows(body: bytes, batch: bool) -> list[ScoreRow] | None:
+    """The rows of a body the api validated and published, as ScoreMessage would give them.
 
     The api publishes every field and no other, in the forms pydantic serialises them to;
     None if the body is not in that shape after all (then it is validated in full, which
     refuses a field the contract does not know). The shape is checked, cheaply, so that
-    even a body signed by mistake can only reach PostgreSQL with the types its columns take.
+    even a body published there by mistake can only reach PostgreSQL with the types its
+    columns take.
     """
     rows = []
     try:

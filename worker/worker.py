@@ -28,7 +28,6 @@ from shared.dead_letters import (
     copy_with_headers,
 )
 from shared.settings import Settings
-from shared.signing import KeyRing
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE, ROUTING_KEY, declare_topology
 from worker._consumer import Consumer, Delivery, held_size
 from worker._health import HealthServer
@@ -84,7 +83,6 @@ class ScoreWorker:
         self._consumer = Consumer(settings, QUEUE, self._inbox.put_nowait)
         self._pool: asyncpg.Pool | None = None
         self._store: ScoreStore | None = None
-        self._signing: KeyRing | None = None
         self._dead_letter_exchange: AbstractExchange | None = None
         self._dead_letter_channel: AbstractChannel | None = None
         self._health = HealthServer(
@@ -113,9 +111,7 @@ class ScoreWorker:
         storing: deque[asyncio.Task[None]] = deque()
         try:
             await self._start()
-            assert self._signing is not None
             chores = [
-                asyncio.create_task(self._signing.keep_fresh()),
                 asyncio.create_task(self._purge_idempotency_keys_periodically()),
                 asyncio.create_task(self._poll_queue_depths_periodically()),
             ]
@@ -200,9 +196,6 @@ class ScoreWorker:
             settings.database_url, min_size=0, max_size=_STORES_IN_FLIGHT + 1
         )
         self._store = ScoreStore(self._pool)
-        self._signing = KeyRing(self._pool)
-        # Unread (PostgreSQL down), every message is validated until the next refresh.
-        await self._signing.try_refresh()
         self._connection = await connect_until_ready(
             settings.amqp_url, "score-ingest-worker-publisher", settings.publish_timeout_seconds
         )
@@ -290,11 +283,7 @@ class ScoreWorker:
         if message.problem is not None:
             return message, PoisonMessage(DeadLetterReason.INVALID_PROPERTIES, message.problem)
         try:
-            return message, decode_scores(
-                message,
-                self._signing.keys if self._signing else {},
-                self._settings.broker_max_message_bytes,
-            )
+            return message, decode_scores(message, self._settings.broker_max_message_bytes)
         except PoisonMessage as poison:
             return message, poison
         except Exception as exc:  # a failure on one message must not stop the others

@@ -13,7 +13,7 @@ import httpx
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
 
 from shared.contract import BATCH_MESSAGE_TYPE, MESSAGE_TYPE, ScoreBatchMessage, ScoreMessage
-from shared.topology import EXCHANGE, QUEUE, ROUTING_KEY
+from shared.topology import API_EXCHANGE, QUEUE, ROUTING_KEY
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, wait_for_count
 from worker.worker import ScoreWorker
 
@@ -111,7 +111,7 @@ async def test_publishes_the_score_message_to_scores_persist(
     score_id = response.json()["score_id"]
 
     message = await _take_only_message(persist_queue)
-    assert message.exchange == EXCHANGE
+    assert message.exchange == API_EXCHANGE
     assert message.routing_key == ROUTING_KEY
     assert message.content_type == "application/json"
     assert message.type == "score.create.v1"

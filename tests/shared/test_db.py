@@ -45,3 +45,12 @@ def test_two_processes_create_and_migrate_a_missing_database(postgres_server_url
 async def test_migrate_again_applies_nothing(database_url: str) -> None:
     assert await migrate(database_url) == []
     assert await _applied(database_url) == [m.version for m in load_migrations()]
+
+
+async def test_the_message_signing_keys_table_is_gone(database_url: str) -> None:
+    # Trust by exchange replaced signed messages (0006); the keys must not linger.
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT to_regclass('message_signing_keys')") is None
+    finally:
+        await conn.close()

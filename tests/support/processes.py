@@ -291,9 +291,12 @@ class Broker:
     def __init__(self, channel: AbstractChannel) -> None:
         self._channel = channel
 
-    async def publish(self, messages: Iterable[aio_pika.Message]) -> None:
-        """Publish to exchange `scores`, routing key `score.create`, and wait for every confirm."""
-        exchange = await self._channel.get_exchange(EXCHANGE, ensure=False)
+    async def publish(
+        self, messages: Iterable[aio_pika.Message], exchange_name: str = EXCHANGE
+    ) -> None:
+        """Publish to exchange `scores` (or exchange_name), routing key `score.create`, and
+        wait for every confirm."""
+        exchange = await self._channel.get_exchange(exchange_name, ensure=False)
         await asyncio.gather(
             *(exchange.publish(message, ROUTING_KEY, mandatory=True) for message in messages)
         )
