@@ -6,29 +6,41 @@ publish); the benchmark (BENCHMARKS.md) found that to be a third of an api reque
 client does only what the api needs, per the AMQP 0-9-1 spec and RabbitMQ's publisher
 confirms extension:
 
-- a publish marshals its three (or more) frames by hand and appends them to a buffer that
-  is written once per event-loop iteration, however many requests published in it;
-- confirms are matched by delivery tag, `multiple` acks and nacks included;
+- a publish marshals its three (or more) frames by hand and queues them; what is queued is
+  written once per event-loop iteration, however many requests published in it;
+- the queue is written only while the connection may take more: TCP back-pressure (the
+  transport's `pause_writing`) and the broker's `channel.flow` hold it back. A publish still
+  queued when its timeout expires fails and is dropped, never sent later;
+- confirms are matched by delivery tag, `multiple` acks and nacks included; a tag is given
+  when a message is written, so dropping a queued one keeps the count in step with the broker;
 - a mandatory message the broker cannot route comes back as `basic.return` (before its
   ack), and fails as unroutable;
 - `connection.blocked` (a resource alarm) fails every unconfirmed publish at once, and
   refuses new ones until `connection.unblocked`;
 - a publish not confirmed within its timeout fails; heartbeats detect a dead peer;
 - any loss of the connection or the channel fails every unconfirmed publish and resolves
-  `closed`, so the owner can reconnect.
+  `closed`, so the owner can reconnect;
+- `amqps://` URLs connect with TLS; an URL option this client does not implement is refused
+  (`parse_amqp_url`) rather than ignored.
 
-A failed publish may still have reached the queue: the broker decides, not us. That is why
-a failure is answered 503 and never 200, and why storing a score twice is a no-op.
+A failed publish that was written may still have reached the queue: the broker decides, not
+us. That is why a failure is answered 503 and never 200, and why storing a score twice is a
+no-op.
+
+The bench and the tests' hostile publisher reuse it (`publish_raw` sends a content header
+given as bytes), so that there is one AMQP handshake in the code base besides aio-pika's.
 """
 
 import asyncio
 import contextlib
+import ssl
 import struct
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pamqp import commands, frame
 from pamqp.base import Frame
@@ -42,6 +54,11 @@ _FRAME_OVERHEAD: Final = 8  # type (1), channel (2), size (4) ... frame end (1)
 _BASIC_CLASS: Final = 60
 _SWEEP_SECONDS: Final = 0.05
 _HEARTBEAT: Final = struct.pack(">BHI", _FRAME_HEARTBEAT, 0, 0) + _FRAME_END
+# Bytes handed to the transport at a time: it says `pause_writing` only after a write, so
+# this bounds how far past its limit one flush can go (a message is never cut).
+_WRITE_CHUNK: Final = 256 * 1024
+_DEFAULT_PORTS: Final = {"amqp": 5672, "amqps": 5671}
+_MAX_HEARTBEAT: Final = 65535  # a short in connection.tune-ok
 
 # Property flags of the content header, in the order their values are encoded.
 _CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _MESSAGE_ID, _TIMESTAMP, _TYPE, _APP_ID = (
@@ -54,6 +71,20 @@ _CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _MESSAGE_ID, _TIMESTAMP, _TYPE, _APP_ID
     1 << 3,
 )
 
+# URL options other clients read, and what to do instead. Anything else is refused too.
+_OPTION_ADVICE: Final = {
+    "cafile": "set AMQP_CA_FILE instead",
+    "capath": "set AMQP_CA_FILE (one file of CA certificates) instead",
+    "cadata": "set AMQP_CA_FILE instead",
+    "certfile": "set AMQP_CERT_FILE instead",
+    "keyfile": "set AMQP_KEY_FILE instead",
+    "cacertfile": "set AMQP_CA_FILE instead",
+    "no_verify_ssl": "the broker's certificate is always verified",
+    "verify": "the broker's certificate is always verified",
+    "timeout": "the connect timeout is PUBLISH_TIMEOUT_SECONDS",
+    "connection_timeout": "the connect timeout is PUBLISH_TIMEOUT_SECONDS",
+}
+
 
 class PublishFailed(Exception):
     """The broker did not confirm a publish; `reason` says why, as a metrics label."""
@@ -61,6 +92,61 @@ class PublishFailed(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
         self.reason = reason
+
+
+class UnsupportedBrokerUrl(ValueError):
+    """The AMQP URL asks for something this client does not do."""
+
+
+@dataclass(frozen=True, slots=True)
+class AmqpAddress:
+    """Where and as whom to connect, as an AMQP URL gives it."""
+
+    host: str
+    port: int
+    user: str
+    password: str
+    vhost: str
+    tls: bool
+    heartbeat: int | None  # ?heartbeat=<seconds>; None: the caller's default
+
+
+def parse_amqp_url(url: str) -> AmqpAddress:
+    """Read an `amqp://` or `amqps://` URL; raises UnsupportedBrokerUrl for anything else,
+    and for any query option but `heartbeat` (seconds between heartbeats, 0: none)."""
+    parts = urlsplit(url)
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise UnsupportedBrokerUrl(
+            f"AMQP_URL must start with amqp:// or amqps://, not {parts.scheme or 'nothing'}://"
+        )
+    try:
+        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+    except ValueError as exc:
+        raise UnsupportedBrokerUrl(f"AMQP_URL has an invalid port: {exc}") from None
+    heartbeat = None
+    refused = []
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "heartbeat" and value.isdigit() and int(value) <= _MAX_HEARTBEAT:
+            heartbeat = int(value)
+        elif name == "heartbeat":
+            refused.append(f"heartbeat={value!r}: seconds, a whole number from 0 to 65535")
+        else:
+            refused.append(f"{name}: {_OPTION_ADVICE.get(name, 'not implemented')}")
+    if refused:
+        raise UnsupportedBrokerUrl(
+            "the api's AMQP publisher does not support these AMQP_URL options ("
+            + "; ".join(refused)
+            + "); the only option it reads is heartbeat=<seconds>"
+        )
+    return AmqpAddress(
+        host=parts.hostname or "localhost",
+        port=port,
+        user=unquote(parts.username or "guest"),
+        password=unquote(parts.password or "guest"),
+        vhost=unquote(parts.path[1:]) or "/",
+        tls=parts.scheme == "amqps",
+        heartbeat=heartbeat,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +164,8 @@ class _Pending:
     message_id: str
     route: tuple[str, str]  # exchange, routing key
     deadline: float
+    frames: list[bytes]  # emptied once written
+    size: int
 
 
 def _shortstr(value: str) -> bytes:
@@ -139,8 +227,10 @@ class ConfirmingPublisher(asyncio.Protocol):
         self._heartbeat = heartbeat
         self._transport: asyncio.Transport | None = None
         self._buffer = bytearray()
-        self._outgoing: list[bytes] = []
+        self._unsent: deque[_Pending] = deque()
         self._flush_scheduled = False
+        self._writing_paused = False  # by the transport: its buffer is full
+        self._flow_stopped = False  # by the broker: channel.flow active=false
         # Handshake replies, kept until asked for: the broker's connection.start can arrive
         # before the handshake starts waiting for it.
         self._replies: asyncio.Queue[Frame | PublishFailed] = asyncio.Queue()
@@ -151,7 +241,7 @@ class ConfirmingPublisher(asyncio.Protocol):
         self._next_tag = 1
         self._lowest_pending = 1
         self._swept_through = 0
-        self._pending: dict[int, _Pending] = {}
+        self._pending: dict[int, _Pending] = {}  # written, by delivery tag
         self._returned: set[int] = set()  # delivery tags of publishes the broker returned
         self._returning: tuple[str, str] | None = None  # route of a returned message
         self._last_received = self._loop.time()
@@ -169,23 +259,36 @@ class ConfirmingPublisher(asyncio.Protocol):
         connect_timeout: float,
         publish_timeout: float,
         heartbeat: int = 30,
+        tls: ssl.SSLContext | None = None,
     ) -> "ConfirmingPublisher":
-        """Connect, log in, open a channel and turn on confirms; raises OSError or
-        PublishFailed (reason "closed") when the broker cannot be reached or refuses."""
-        parts = urlsplit(url)
+        """Connect, log in, open a channel and turn on confirms.
+
+        An `amqps://` URL connects with TLS: with `tls` if given, else trusting the system's
+        CAs. Raises UnsupportedBrokerUrl for a URL it cannot follow, OSError or PublishFailed
+        (reason "closed") when the broker cannot be reached, is not trusted or refuses.
+        """
+        address = parse_amqp_url(url)
+        if tls is not None and not address.tls:
+            raise UnsupportedBrokerUrl("a TLS context was given for an amqp:// URL: use amqps://")
+        if address.tls and tls is None:
+            tls = ssl.create_default_context()
         loop = asyncio.get_running_loop()
-        publisher = cls(publish_timeout, heartbeat)
+        publisher = cls(
+            publish_timeout, heartbeat if address.heartbeat is None else address.heartbeat
+        )
         try:
             async with asyncio.timeout(connect_timeout):
-                await loop.create_connection(
-                    lambda: publisher, parts.hostname or "localhost", parts.port or 5672
-                )
+                await loop.create_connection(lambda: publisher, address.host, address.port, ssl=tls)
                 await publisher._handshake(
-                    unquote(parts.username or "guest"),
-                    unquote(parts.password or "guest"),
-                    unquote(parts.path[1:]) or "/",
-                    connection_name,
+                    address.user, address.password, address.vhost, connection_name
                 )
+        except ssl.SSLCertVerificationError as exc:
+            publisher.abort()
+            raise PublishFailed(
+                "closed",
+                f"the TLS certificate of the broker at {address.host}:{address.port} is not "
+                f"trusted ({exc.verify_message}): AMQP_CA_FILE must hold the CA that signed it",
+            ) from exc
         except BaseException:
             publisher.abort()
             raise
@@ -246,9 +349,15 @@ class ConfirmingPublisher(asyncio.Protocol):
         return self._blocked
 
     @property
+    def paused(self) -> bool:
+        """Whether publishes wait to be written: the socket is full or the broker said
+        `channel.flow` active=false."""
+        return self._writing_paused or self._flow_stopped
+
+    @property
     def unconfirmed(self) -> int:
-        """How many publishes still wait for their confirm."""
-        return len(self._pending)
+        """How many publishes still wait for their confirm (written or not)."""
+        return len(self._pending) + len(self._unsent)
 
     # Publishing
 
@@ -264,6 +373,15 @@ class ConfirmingPublisher(asyncio.Protocol):
         headers: dict[str, str] | None = None,
     ) -> asyncio.Future[None]:
         """Send a persistent, mandatory message; the future completes on its confirm."""
+        header = encode_header(len(body), properties, message_id, timestamp, headers)
+        return self.publish_raw(exchange, routing_key, header, body, message_id=message_id)
+
+    def publish_raw(
+        self, exchange: str, routing_key: str, header: bytes, body: bytes, *, message_id: str
+    ) -> asyncio.Future[None]:
+        """`publish`, with the content header's payload given as bytes, sent as they are
+        (class, weight, body size, flags and properties: a test's hostile header, say);
+        message_id is the one it carries, to match a return."""
         if not self._open:
             raise PublishFailed("unavailable", "not connected to the message broker")
         if self._blocked:
@@ -276,35 +394,60 @@ class ConfirmingPublisher(asyncio.Protocol):
             method = self._publish_frames[(exchange, routing_key)] = frame.marshal(
                 publish, _CHANNEL
             )
-        header = _frame(
-            _FRAME_HEADER, encode_header(len(body), properties, message_id, timestamp, headers)
-        )
-        outgoing = self._outgoing
-        outgoing.append(method)
-        outgoing.append(header)
+        frames = [method, _frame(_FRAME_HEADER, header)]
         chunk = self._frame_max - _FRAME_OVERHEAD
         for start in range(0, len(body), chunk):
-            outgoing.append(_frame(_FRAME_BODY, body[start : start + chunk]))
+            frames.append(_frame(_FRAME_BODY, body[start : start + chunk]))
+        outcome = self._loop.create_future()
+        deadline = self._loop.time() + self._publish_timeout
+        size = len(method) + len(header) + len(body) + _FRAME_OVERHEAD * (len(frames) - 1)
+        self._unsent.append(
+            _Pending(outcome, message_id, (exchange, routing_key), deadline, frames, size)
+        )
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
-        outcome = self._loop.create_future()
-        deadline = self._loop.time() + self._publish_timeout
-        self._pending[self._next_tag] = _Pending(
-            outcome, message_id, (exchange, routing_key), deadline
-        )
-        self._next_tag += 1
         return outcome
 
     def _flush(self) -> None:
+        """Write queued publishes while the transport and the broker take more."""
         self._flush_scheduled = False
-        if self._outgoing and self._transport is not None and not self._transport.is_closing():
-            self._transport.write(b"".join(self._outgoing))
-        self._outgoing.clear()
+        transport = self._transport
+        while self._unsent and not self.paused:
+            if transport is None or transport.is_closing():
+                return
+            out: list[bytes] = []
+            size = 0
+            while self._unsent and size < _WRITE_CHUNK:
+                pending = self._unsent.popleft()
+                if pending.outcome.done():  # cancelled by its owner: never sent
+                    continue
+                out.extend(pending.frames)
+                size += pending.size
+                pending.frames = []
+                # The broker numbers the messages it receives on the channel from 1.
+                self._pending[self._next_tag] = pending
+                self._next_tag += 1
+            if out:
+                transport.write(b"".join(out))  # may call pause_writing
+
+    def _schedule_flush(self) -> None:
+        if self._unsent and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
 
     def _send(self, channel: int, value: Frame) -> None:
         assert self._transport is not None
         self._transport.write(frame.marshal(value, channel))
+
+    # Flow control
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._schedule_flush()
 
     # Receiving
 
@@ -357,6 +500,11 @@ class ConfirmingPublisher(asyncio.Protocol):
             )
         elif isinstance(method, commands.Basic.Return):
             self._returning = (method.exchange, method.routing_key or "")
+        elif isinstance(method, commands.Channel.Flow):
+            # The broker asks us to stop (or resume) sending content on the channel.
+            self._flow_stopped = not method.active
+            self._write_quietly(commands.Channel.FlowOk(active=method.active), _CHANNEL)
+            self._schedule_flush()
         elif isinstance(method, commands.Connection.Blocked):
             self._blocked = True
             self._fail_all(
@@ -421,6 +569,15 @@ class ConfirmingPublisher(asyncio.Protocol):
 
     def _fail_overdue(self) -> None:
         now = self._loop.time()
+        # Not written yet: dropped, so that a publish answered with a failure is never sent.
+        unsent = self._unsent
+        while unsent and (unsent[0].deadline <= now or unsent[0].outcome.done()):
+            overdue = unsent.popleft()
+            if not overdue.outcome.done():
+                overdue.outcome.set_exception(
+                    PublishFailed("timeout", "message broker took no more messages in time")
+                )
+        # Written: they stay until the broker settles them, which absorbs a late confirm.
         tag = max(self._swept_through + 1, self._lowest_pending)
         while tag < self._next_tag:
             pending = self._pending.get(tag)
@@ -447,9 +604,11 @@ class ConfirmingPublisher(asyncio.Protocol):
             self._send(channel, value)
 
     def _fail_all(self, error: PublishFailed) -> None:
-        for pending in self._pending.values():
+        """Fail every unconfirmed publish; those not written yet are dropped."""
+        for pending in (*self._pending.values(), *self._unsent):
             if not pending.outcome.done():
                 pending.outcome.set_exception(error)
+        self._unsent.clear()
 
     def _lose(self, detail: str) -> None:
         self._open = False
@@ -474,7 +633,8 @@ class ConfirmingPublisher(asyncio.Protocol):
             self._transport.abort()
 
     async def close(self) -> None:
-        """Close the connection politely; unconfirmed publishes fail."""
+        """Close the connection politely, after writing what the connection takes;
+        unconfirmed publishes fail."""
         if self._open and self._transport is not None:
             self._open = False
             self._flush()

@@ -16,7 +16,7 @@ from typing import Any
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pydantic_core import to_json
 
-from api.amqp import ConfirmingPublisher, MessageProperties, PublishFailed
+from api.amqp import ConfirmingPublisher, MessageProperties, PublishFailed, parse_amqp_url
 from api.errors import BrokerUnavailable
 from api.metrics import PUBLISH_CONFIRM_SECONDS, PUBLISH_FAILURES, SCORES_ACCEPTED
 from shared.broker import MAX_BACKOFF_SECONDS, retry_until_connected
@@ -55,6 +55,8 @@ class ScorePublisher:
     """
 
     def __init__(self, settings: Settings) -> None:
+        # An AMQP_URL the publisher cannot follow stops the api at start-up.
+        parse_amqp_url(settings.amqp_url)
         self._settings = settings
         self._connection: ConfirmingPublisher | None = None
         self._connected = asyncio.Event()

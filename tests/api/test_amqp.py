@@ -25,10 +25,20 @@ import pytest
 import uvloop
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from pamqp import commands, frame
+from pamqp.base import Frame
 from pamqp.header import ContentHeader
 
-from api.amqp import ConfirmingPublisher, MessageProperties, PublishFailed, encode_header
-from tests.support.processes import free_port
+from api.amqp import (
+    AmqpAddress,
+    ConfirmingPublisher,
+    MessageProperties,
+    PublishFailed,
+    UnsupportedBrokerUrl,
+    encode_header,
+    parse_amqp_url,
+)
+from shared.settings import Settings
+from tests.support.processes import CliProcess, free_port
 from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
 from tests.support.tcp_proxy import TcpProxy
 
@@ -188,7 +198,9 @@ async def broker(amqp_url: str) -> AsyncIterator[Broker]:
 class GatedProxy:
     """Forwards 127.0.0.1:<port> to the broker; `hold()` holds back what the broker sends
     (as a stalled link would, the publisher's frames still reach it) until `release()`,
-    which lets it through in order. `sent` keeps every byte the publisher sent."""
+    which lets it through in order. `stop_reading()` stops reading what the publisher sends,
+    as a broker that blocks a connection does, until `resume_reading()`: the publisher's
+    socket fills up. `sent` keeps every byte the publisher sent that the proxy read."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -197,6 +209,8 @@ class GatedProxy:
         self._target = (parts.hostname, parts.port or 5672)
         self._gate = asyncio.Event()
         self._gate.set()
+        self._reading = asyncio.Event()
+        self._reading.set()
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
         self._transports: set[asyncio.WriteTransport] = set()
@@ -216,6 +230,12 @@ class GatedProxy:
     def release(self) -> None:
         self._gate.set()
 
+    def stop_reading(self) -> None:
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
     async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         return self
@@ -232,6 +252,7 @@ class GatedProxy:
         for transport in list(self._transports):
             transport.abort()
         self._gate.set()
+        self._reading.set()
         await asyncio.gather(*self._handlers, return_exceptions=True)
         await self._server.wait_closed()
 
@@ -246,7 +267,7 @@ class GatedProxy:
                 up_reader, up_writer = await asyncio.open_connection(*self._target)
                 self._transports.add(up_writer.transport)
                 await asyncio.gather(
-                    self._pump(reader, up_writer, None, self.sent),
+                    self._pump(reader, up_writer, None, self.sent, self._reading),
                     self._pump(up_reader, writer, self._gate, None),
                 )
         finally:
@@ -263,9 +284,10 @@ class GatedProxy:
         writer: asyncio.StreamWriter,
         gate: asyncio.Event | None,
         record: bytearray | None,
+        reading: asyncio.Event | None = None,
     ) -> None:
         with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
+            while (reading is None or await reading.wait()) and (data := await reader.read(65536)):
                 if record is not None:
                     record += data
                 if gate is not None:
@@ -288,6 +310,98 @@ def split_frames(sent: bytes | bytearray) -> list[tuple[int, int, bytes]]:
         frames.append((kind, channel, bytes(sent[start + 7 : end])))
         start = end + 1
     return frames
+
+
+class FrameProxy:
+    """Forwards whole frames between one publisher and the broker.
+
+    `to_publisher(method)` slips a frame in between the broker's, as if the broker had sent
+    it. Every frame from the publisher is kept, decoded, in `from_publisher`; those `swallow`
+    matches are not passed on (answers to what the broker itself never sent).
+    """
+
+    def __init__(self, url: str, swallow: Callable[[frame.FrameTypes], bool]) -> None:
+        parts = urlsplit(url)
+        assert parts.hostname is not None
+        self._url = url
+        self._target = (parts.hostname, parts.port or 5672)
+        self._swallow = swallow
+        self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._transports: set[asyncio.WriteTransport] = set()
+        self._publisher: asyncio.StreamWriter | None = None
+        self.from_publisher: list[frame.FrameTypes] = []
+
+    @property
+    def url(self) -> str:
+        """The broker URL, pointed at this proxy."""
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        parts = urlsplit(self._url)
+        return parts._replace(netloc=f"{parts.username}:{parts.password}@127.0.0.1:{port}").geturl()
+
+    def to_publisher(self, value: frame.FrameTypes, channel: int = 1) -> None:
+        """Send the publisher a frame, between two of the broker's."""
+        assert self._publisher is not None, "no publisher connected"
+        self._publisher.write(frame.marshal(value, channel))
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        for transport in list(self._transports):
+            transport.abort()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        self._transports.add(writer.transport)
+        self._publisher = writer
+        try:
+            with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                up_reader, up_writer = await asyncio.open_connection(*self._target)
+                self._transports.add(up_writer.transport)
+                up_writer.write(await reader.readexactly(8))  # the protocol header
+                await asyncio.gather(
+                    self._from_publisher(reader, up_writer), self._to_publisher(up_reader, writer)
+                )
+        finally:
+            for transport in list(self._transports):
+                transport.abort()
+            self._handlers.discard(handler)
+
+    async def _from_publisher(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            raw = await self._read_frame(reader)
+            value = frame.unmarshal(raw)[2]
+            self.from_publisher.append(value)
+            if not self._swallow(value):
+                writer.write(raw)
+
+    async def _to_publisher(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            writer.write(await self._read_frame(reader))
+
+    @staticmethod
+    async def _read_frame(reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readexactly(7)
+        (size,) = struct.unpack_from(">I", head, 3)
+        return head + await reader.readexactly(size + 1)
 
 
 def header_frame(payload: bytes) -> bytes:
@@ -847,6 +961,178 @@ async def test_a_memory_alarm_fails_in_flight_publishes_and_refuses_new_ones_unt
         # failure is no proof that a message was lost.
         await until(lambda: publisher.unconfirmed == 0, "their late confirms")
         assert await broker.count(queue) == 12
+
+
+# 12. Flow control: TCP back-pressure and channel.flow
+
+
+async def test_a_broker_that_stops_reading_pauses_writing_and_an_overdue_publish_is_never_sent(
+    amqp_url: str, broker: Broker
+) -> None:
+    exchange, queue = await broker.routed()
+    # Large: the transport then holds megabytes past the socket's buffers when it pauses,
+    # far more than the kernel can free by compacting them, so the pause lasts.
+    body = os.urandom(8 * 1024 * 1024)
+    async with (
+        GatedProxy(amqp_url) as proxy,
+        connected(proxy.url, publish_timeout=0.5) as publisher,
+    ):
+        proxy.stop_reading()
+        # Publish until the socket and the transport's buffer are full and it says so.
+        early: dict[str, asyncio.Future[None]] = {}
+        while not publisher.paused:
+            assert len(early) < 10, "80 MiB written and the transport never paused"
+            message_id = f"early-{len(early)}"
+            early[message_id] = publish(publisher, exchange, body, message_id=message_id)
+            await asyncio.sleep(0)  # the flush
+        late = [publish(publisher, exchange, b"late", message_id=f"late-{n}") for n in range(20)]
+        # They wait, and fail once their timeout has passed: answered 503 by the api.
+        assert await asyncio.wait_for(reasons_of(late), 5) == ["timeout"] * 20
+        assert publisher.paused
+        proxy.resume_reading()
+        await until(lambda: not publisher.paused, "resume_writing", timeout=10)
+        await until(lambda: publisher.unconfirmed == 0, "the early ones' confirms", timeout=20)
+        assert set(await reasons_of(list(early.values()))) <= {None, "timeout"}
+        # Delivery tags stayed in step with the broker's count: a later publish is confirmed.
+        assert await asyncio.wait_for(reason_of(publish(publisher, exchange)), 5) is None
+        assert publisher.is_open
+    # Everything written arrived, nothing that had failed before it was written.
+    arrived = [(await broker.get(queue)).message_id for _ in range(len(early) + 1)]
+    assert arrived[:-1] == list(early)
+    assert await broker.count(queue) == 0
+
+
+def swallow_flow_ok(value: frame.FrameTypes) -> bool:
+    """The publisher's answers to the proxy's channel.flow: the broker never asked."""
+    return isinstance(value, commands.Channel.FlowOk)
+
+
+def flow_oks(frames: list[frame.FrameTypes]) -> list[bool]:
+    """The `active` of each channel.flow-ok the publisher sent."""
+    return [value.active for value in frames if isinstance(value, commands.Channel.FlowOk)]
+
+
+def published_after(frames: list[frame.FrameTypes], marker: type[Frame]) -> int:
+    """How many basic.publish frames the publisher sent after its last `marker` frame."""
+    last = max(n for n, value in enumerate(frames) if isinstance(value, marker))
+    return sum(isinstance(value, commands.Basic.Publish) for value in frames[last:])
+
+
+async def test_channel_flow_holds_publishes_back_until_the_broker_resumes(
+    amqp_url: str, broker: Broker
+) -> None:
+    exchange, queue = await broker.routed()
+    async with (
+        FrameProxy(amqp_url, swallow_flow_ok) as proxy,
+        connected(proxy.url) as publisher,
+    ):
+        assert await reason_of(publish(publisher, exchange, message_id="before")) is None
+        proxy.to_publisher(commands.Channel.Flow(active=False))
+        await until(lambda: publisher.paused, "channel.flow active=false")
+        held = [publish(publisher, exchange, message_id=f"held-{n}") for n in range(10)]
+        await until(lambda: flow_oks(proxy.from_publisher) == [False], "flow-ok")
+        await asyncio.sleep(0.3)
+        assert not any(outcome.done() for outcome in held)
+        assert published_after(proxy.from_publisher, commands.Channel.FlowOk) == 0
+        assert publisher.unconfirmed == 10
+
+        proxy.to_publisher(commands.Channel.Flow(active=True))
+        assert await asyncio.wait_for(reasons_of(held), 5) == [None] * 10
+        assert not publisher.paused
+        assert flow_oks(proxy.from_publisher) == [False, True]
+    arrived = [(await broker.get(queue)).message_id for _ in range(11)]
+    assert arrived == ["before", *(f"held-{n}" for n in range(10))]
+
+
+async def test_a_publish_that_times_out_while_the_broker_stopped_the_flow_is_never_sent(
+    amqp_url: str, broker: Broker
+) -> None:
+    exchange, queue = await broker.routed()
+    async with (
+        FrameProxy(amqp_url, swallow_flow_ok) as proxy,
+        connected(proxy.url, publish_timeout=0.3) as publisher,
+    ):
+        proxy.to_publisher(commands.Channel.Flow(active=False))
+        await until(lambda: publisher.paused, "channel.flow active=false")
+        overdue = [publish(publisher, exchange, message_id=f"overdue-{n}") for n in range(5)]
+        assert await asyncio.wait_for(reasons_of(overdue), 5) == ["timeout"] * 5
+        assert publisher.unconfirmed == 0
+        proxy.to_publisher(commands.Channel.Flow(active=True))
+        await until(lambda: not publisher.paused, "channel.flow active=true")
+        assert await reason_of(publish(publisher, exchange, message_id="after")) is None
+        assert published_after(proxy.from_publisher, commands.Confirm.Select) == 1
+    assert (await broker.get(queue)).message_id == "after"
+    assert await broker.count(queue) == 0
+
+
+# 13. The URL
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        (
+            "amqp://guest:guest@127.0.0.1:5672/",
+            AmqpAddress("127.0.0.1", 5672, "guest", "guest", "/", False, None),
+        ),
+        ("amqp://rabbit", AmqpAddress("rabbit", 5672, "guest", "guest", "/", False, None)),
+        (
+            "amqps://api:p%40ss%2Fw@rabbit.internal/%2F?heartbeat=10",
+            AmqpAddress("rabbit.internal", 5671, "api", "p@ss/w", "/", True, 10),
+        ),
+        (
+            "amqps://u:p@rabbit:15671/scores?heartbeat=0",
+            AmqpAddress("rabbit", 15671, "u", "p", "scores", True, 0),
+        ),
+    ],
+    ids=["local", "defaults", "amqps-default-port", "amqps-vhost-no-heartbeat"],
+)
+def test_an_amqp_url_is_read_as_the_rabbitmq_uri_spec_says(url: str, address: AmqpAddress) -> None:
+    assert parse_amqp_url(url) == address
+
+
+@pytest.mark.parametrize(
+    ("url", "refusal"),
+    [
+        ("amqp://h/?connection_timeout=5000", "connection_timeout: the connect timeout is"),
+        ("amqp://h/?timeout=5", "timeout: the connect timeout is PUBLISH_TIMEOUT_SECONDS"),
+        ("amqps://h/?cafile=/etc/ca.pem", "cafile: set AMQP_CA_FILE instead"),
+        ("amqps://h/?certfile=c&keyfile=k", "certfile: set AMQP_CERT_FILE instead; keyfile"),
+        ("amqps://h/?no_verify_ssl=1", "no_verify_ssl: the broker's certificate is always"),
+        ("amqp://h/?frame_max=4096", "frame_max: not implemented"),
+        ("amqp://h/?heartbeat=soon", "heartbeat='soon': seconds, a whole number"),
+        ("amqp://h/?heartbeat=70000", "heartbeat='70000'"),
+        ("http://h/", "must start with amqp:// or amqps://, not http://"),
+        ("amqp://h:port/", "invalid port"),
+    ],
+)
+def test_an_amqp_url_option_the_publisher_does_not_implement_is_refused(
+    url: str, refusal: str
+) -> None:
+    with pytest.raises(UnsupportedBrokerUrl) as refused:
+        parse_amqp_url(url)
+    assert refusal in str(refused.value)
+
+
+async def test_the_heartbeat_option_sets_the_heartbeat_asked_for(amqp_url: str) -> None:
+    with_option = urlsplit(amqp_url)._replace(query="heartbeat=7")
+    async with FrameProxy(amqp_url, lambda _: False) as proxy:
+        async with connected(with_option._replace(netloc=urlsplit(proxy.url).netloc).geturl()):
+            pass
+        (tune_ok,) = [v for v in proxy.from_publisher if isinstance(v, commands.Connection.TuneOk)]
+    assert tune_ok.heartbeat == 7
+
+
+async def test_the_api_refuses_to_start_with_an_option_it_does_not_implement(
+    settings: Settings,
+) -> None:
+    url = urlsplit(settings.amqp_url)._replace(query="connection_timeout=5000").geturl()
+    api = CliProcess(
+        "api", ["api", "--port", str(free_port())], settings.model_copy(update={"amqp_url": url})
+    )
+    async with api:
+        assert await api.wait(20) != 0
+    assert "does not support these AMQP_URL options (connection_timeout" in api.output
 
 
 # Regressions: each of these was a bug the tests above missed
