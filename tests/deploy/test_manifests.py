@@ -32,7 +32,7 @@ from packaging.utils import canonicalize_name
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from shared.settings import Settings
-from shared.topology import QUEUE, declare_topology
+from shared.topology import API_EXCHANGE, EXCHANGE, QUEUE, declare_topology
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -392,7 +392,10 @@ def test_compose_urls_reach_the_compose_databases(compose: Manifest) -> None:
     assert database.path == "/" + postgres["POSTGRES_DB"]
     broker = urlsplit(settings.amqp_url)
     assert (broker.hostname, broker.port) == ("rabbitmq", 5672)
-    assert_broker_credentials(settings.amqp_url, compose_definitions())
+    assert_broker_credentials(settings.amqp_url, compose_definitions(), "api")
+    for role in ("migrate", "worker"):
+        url = settings_from(services[role]["environment"]).amqp_url
+        assert_broker_credentials(url, compose_definitions(), "worker")
 
 
 def test_compose_boots_rabbitmq_with_the_definitions(compose: Manifest) -> None:
@@ -488,20 +491,51 @@ def kubernetes_definitions() -> Manifest:
     return merged
 
 
-def assert_broker_credentials(amqp_url: str, definitions: Manifest) -> None:
-    """The URL's user exists with that password and full rights on the URL's vhost."""
+# The broker user of each role (README, "Trust model"): every role but the api runs as the
+# worker's; the publisher is the example of a direct publisher's.
+BROKER_USERS = {
+    "api": "score-ingest-api",
+    "worker": "score-ingest-worker",
+    "publisher": "score-ingest-publisher",
+}
+
+
+def granted(definitions: Manifest, user: str) -> dict[str, str]:
+    """The one permission entry of user: vhost, configure, write and read."""
+    (entry,) = [p for p in definitions["permissions"] if p["user"] == user]
+    return {key: value for key, value in entry.items() if key != "user"}
+
+
+def assert_broker_credentials(amqp_url: str, definitions: Manifest, role: str) -> None:
+    """The URL's user is the role's, exists with that password, and holds on the URL's vhost
+    the permissions compose's definitions give the role (tests/shared/test_broker_permissions.py
+    proves those on a real broker)."""
     url = urlsplit(amqp_url)
     vhost = unquote(url.path.removeprefix("/")) or "/"
     assert vhost in {v["name"] for v in definitions["vhosts"]}
+    assert url.username == BROKER_USERS[role]
     (user,) = [u for u in definitions["users"] if u["name"] == url.username]
     assert user["password"] == unquote(url.password or "")
-    assert {
-        "user": url.username,
-        "vhost": vhost,
-        "configure": ".*",
-        "write": ".*",
-        "read": ".*",
-    } in definitions["permissions"]
+    assert granted(definitions, url.username) == granted(compose_definitions(), url.username)
+    assert granted(definitions, url.username)["vhost"] == vhost
+
+
+@pytest.mark.parametrize("case", ["compose", "kubernetes"])
+def test_only_the_apis_broker_user_may_write_to_the_api_exchange(case: str) -> None:
+    definitions, _ = definitions_for(case)
+    assert {u["name"] for u in definitions["users"]} == set(BROKER_USERS.values())
+    for role, user in BROKER_USERS.items():
+        assert granted(definitions, user) == granted(compose_definitions(), user), role
+    # RabbitMQ searches a resource name with the regular expression, unanchored.
+    writers = {
+        exchange: {p["user"] for p in definitions["permissions"] if re.search(p["write"], exchange)}
+        for exchange in (API_EXCHANGE, EXCHANGE, "amq.default")
+    }
+    assert writers == {
+        API_EXCHANGE: {BROKER_USERS["api"]},
+        EXCHANGE: {BROKER_USERS["worker"], BROKER_USERS["publisher"]},
+        "amq.default": set(),
+    }
 
 
 def definitions_for(case: str) -> tuple[Manifest, Settings]:
@@ -556,7 +590,7 @@ async def test_the_topology_comparison_notices_a_drifted_queue_argument() -> Non
 @pytest.mark.parametrize("case", ["compose", "kubernetes"])
 def test_definitions_let_the_service_in_and_leave_queue_arguments_alone(case: str) -> None:
     definitions, settings = definitions_for(case)
-    assert_broker_credentials(settings.amqp_url, definitions)
+    assert_broker_credentials(settings.amqp_url, definitions, "worker")
     queues = {q["name"] for q in definitions["queues"]}
     arguments = {key.removeprefix("x-") for q in definitions["queues"] for key in q["arguments"]}
     for policy in definitions["policies"]:
@@ -803,7 +837,16 @@ def test_the_service_urls_reach_the_clusters_it_creates() -> None:
     assert rabbitmq["apiVersion"] == "rabbitmq.com/v1beta1"
     assert rabbitmq["spec"]["replicas"] == 3
     assert urlsplit(settings.amqp_url).hostname == f"score-ingest-rabbitmq.{namespace}.svc"
-    assert_broker_credentials(settings.amqp_url, kubernetes_definitions())
+    assert_broker_credentials(settings.amqp_url, kubernetes_definitions(), "worker")
+    (api,) = containers("Deployment", ROLES["api"])
+    (override,) = api["env"]
+    assert override["name"] == "AMQP_URL"
+    reference = override["valueFrom"]["secretKeyRef"]
+    api_url = find("Secret", reference["name"])["stringData"][reference["key"]]
+    assert urlsplit(api_url).hostname == f"score-ingest-rabbitmq.{namespace}.svc"
+    assert_broker_credentials(api_url, kubernetes_definitions(), "api")
+    (worker,) = containers("Deployment", ROLES["worker"])
+    assert "env" not in worker, "the worker runs as the worker's user, from Secret score-ingest"
 
 
 def test_rabbitmq_imports_the_users_then_the_topology_at_boot() -> None:
