@@ -19,7 +19,7 @@ from pydantic_core import to_json
 from api.amqp import ConfirmingPublisher, MessageProperties, PublishFailed, parse_amqp_url
 from api.errors import BrokerUnavailable
 from api.metrics import PUBLISH_CONFIRM_SECONDS, PUBLISH_FAILURES, SCORES_ACCEPTED
-from shared.broker import MAX_BACKOFF_SECONDS, retry_until_connected
+from shared.broker import MAX_BACKOFF_SECONDS, retry_until_connected, tls_context
 from shared.contract import (
     BATCH_MESSAGE_TYPE,
     CONTENT_TYPE,
@@ -55,8 +55,10 @@ class ScorePublisher:
     """
 
     def __init__(self, settings: Settings) -> None:
-        # An AMQP_URL the publisher cannot follow stops the api at start-up.
+        # An AMQP_URL the publisher cannot follow, or TLS files it cannot use, stop the api
+        # at start-up.
         parse_amqp_url(settings.amqp_url)
+        self._tls = tls_context(settings)
         self._settings = settings
         self._connection: ConfirmingPublisher | None = None
         self._connected = asyncio.Event()
@@ -104,6 +106,7 @@ class ScorePublisher:
             connection_name="score-ingest-api",
             connect_timeout=settings.publish_timeout_seconds,
             publish_timeout=settings.publish_timeout_seconds,
+            tls=self._tls,
         )
 
     async def publish_scores(self, messages: Sequence[MessageFields]) -> None:

@@ -30,7 +30,9 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from shared import field_tables
+from shared.broker import tls_context
 from shared.dead_letters import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, TIME_HEADER
+from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, EXCHANGE, ROUTING_KEY
 
 REPLAY_COUNT_HEADER = "x-replay-count"
@@ -347,10 +349,12 @@ def _short_string(value: str | None) -> str | None:
 
 
 @asynccontextmanager
-async def open_dead_letters(amqp_url: str) -> AsyncIterator[DeadLetterQueue]:
+async def open_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterQueue]:
     """A pass over scores.dead; unacked messages go back to the queue on exit."""
     field_tables.install()
-    connection = await aio_pika.connect(amqp_url, timeout=10)
+    connection = await aio_pika.connect(
+        settings.amqp_url, timeout=10, ssl_context=tls_context(settings)
+    )
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)

@@ -86,7 +86,7 @@ async def _pass(
 ) -> int:
     """Run act on each matching dead letter with a progress bar; returns how many."""
     done = 0
-    async with open_dead_letters(get_settings().amqp_url) as dead:
+    async with open_dead_letters(get_settings()) as dead:
         action = act(dead)
         with Progress(console=console, transient=True) as progress:
             task = progress.add_task(description, total=dead.total)

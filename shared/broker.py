@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -10,6 +11,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from shared import field_tables
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -17,6 +19,26 @@ RECONNECT_INTERVAL_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 5.0
 
 T = TypeVar("T")
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """How every broker connection does TLS: None for amqp://; for amqps://, the broker's
+    certificate checked against AMQP_CA_FILE (else the system's CAs) and its host name, and
+    AMQP_CERT_FILE (with AMQP_KEY_FILE) shown if the broker asks for a client certificate."""
+    if not settings.amqp_url.startswith("amqps://"):
+        return None
+    try:
+        context = ssl.create_default_context(cafile=settings.amqp_ca_file)
+    except ssl.SSLError as exc:
+        raise ValueError(f"AMQP_CA_FILE holds no usable CA certificate: {exc}") from exc
+    if settings.amqp_cert_file is not None:
+        try:
+            context.load_cert_chain(settings.amqp_cert_file, settings.amqp_key_file)
+        except ssl.SSLError as exc:
+            raise ValueError(
+                f"AMQP_CERT_FILE and AMQP_KEY_FILE hold no usable certificate and key: {exc}"
+            ) from exc
+    return context
 
 
 async def retry_until_connected(
@@ -35,7 +57,7 @@ async def retry_until_connected(
 
 
 async def connect_until_ready(
-    url: str, connection_name: str, attempt_seconds: float
+    url: str, connection_name: str, attempt_seconds: float, tls: ssl.SSLContext | None = None
 ) -> AbstractRobustConnection:
     """A robust connection, retrying with backoff until the broker answers.
 
@@ -50,6 +72,7 @@ async def connect_until_ready(
             timeout=attempt_seconds,
             reconnect_interval=RECONNECT_INTERVAL_SECONDS,
             client_properties={"connection_name": connection_name},
+            ssl_context=tls,
         ),
         CONNECTION_EXCEPTIONS,
     )

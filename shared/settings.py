@@ -3,7 +3,7 @@
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, FilePath, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.contract import MAX_SCORE_MESSAGE_BYTES
@@ -18,9 +18,16 @@ class Settings(BaseSettings):
 
     database_url: str = "postgresql://postgres@127.0.0.1:5432/score_ingest"
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    # TLS for amqps:// (every broker connection): the CAs to trust instead of the system's,
+    # and a client certificate (its key in AMQP_KEY_FILE, or in the same file).
+    amqp_ca_file: FilePath | None = None
+    amqp_cert_file: FilePath | None = None
+    amqp_key_file: FilePath | None = None
 
     api_host: str = "127.0.0.1"
     api_port: int = Field(default=8000, ge=0, le=65535)
+    # The path prefix a proxy serves the api under, and removes (uvicorn's root_path).
+    api_root_path: str = Field(default="", pattern=r"^(/[^/]+)*$")
     max_body_bytes: int = Field(default=MIB, ge=1024)
     max_batch_body_bytes: int = Field(default=16 * MIB, ge=1024)
     http_header_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -41,7 +48,6 @@ class Settings(BaseSettings):
     list_send_timeout_seconds: float = Field(default=10.0, gt=0)
     idempotency_key_ttl_seconds: float = Field(default=24 * 3600, gt=0)
     tombstone_ttl_seconds: float = Field(default=30 * 24 * 3600, gt=0)
-    api_fast_path: bool = True
 
     worker_health_host: str = "127.0.0.1"
     worker_health_port: int = Field(default=8001, ge=0, le=65535)
@@ -62,6 +68,19 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _tls_files_need_amqps(self) -> "Settings":
+        given = [
+            name.upper()
+            for name in ("amqp_ca_file", "amqp_cert_file", "amqp_key_file")
+            if getattr(self, name) is not None
+        ]
+        if given and not self.amqp_url.startswith("amqps://"):
+            raise ValueError(f"{', '.join(given)} set, but AMQP_URL does not use TLS (amqps://)")
+        if self.amqp_key_file is not None and self.amqp_cert_file is None:
+            raise ValueError("AMQP_KEY_FILE set without AMQP_CERT_FILE, the certificate it is for")
+        return self
 
 
 @lru_cache(maxsize=1)

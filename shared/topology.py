@@ -17,6 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
 from pamqp.common import FieldTable
 
+from shared.broker import tls_context
 from shared.settings import Settings
 
 EXCHANGE: Final = "scores"
@@ -55,7 +56,9 @@ class Topology:
 
 async def declare_topology_once(settings: Settings, connect_timeout: float) -> None:
     """Declare the topology through a connection of its own, closed afterwards."""
-    connection = await aio_pika.connect(settings.amqp_url, timeout=connect_timeout)
+    connection = await aio_pika.connect(
+        settings.amqp_url, timeout=connect_timeout, ssl_context=tls_context(settings)
+    )
     async with connection:
         await declare_topology(await connection.channel(), settings)
 

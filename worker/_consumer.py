@@ -36,6 +36,7 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from shared import field_tables
+from shared.broker import tls_context
 from shared.settings import Settings
 from worker._metrics import (
     CAUTIOUS,
@@ -330,7 +331,9 @@ class Consumer:
         """A connection of its own and a channel on it, not consuming yet."""
         settings = self._settings
         connection = aiormq.Connection(
-            settings.amqp_url, client_properties={"connection_name": "score-ingest-worker"}
+            settings.amqp_url,
+            context=tls_context(settings),
+            client_properties={"connection_name": "score-ingest-worker"},
         )
         try:
             # Bounded: a broker that accepts the connection and then says nothing must not

@@ -18,7 +18,7 @@ from aio_pika.abc import (
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from shared import field_tables
-from shared.broker import connect_until_ready
+from shared.broker import connect_until_ready, tls_context
 from shared.dead_letters import (
     DETAIL_HEADER,
     QUEUE_HEADER,
@@ -197,7 +197,10 @@ class ScoreWorker:
         )
         self._store = ScoreStore(self._pool)
         self._connection = await connect_until_ready(
-            settings.amqp_url, "score-ingest-worker-publisher", settings.publish_timeout_seconds
+            settings.amqp_url,
+            "score-ingest-worker-publisher",
+            settings.publish_timeout_seconds,
+            tls_context(settings),
         )
         topology = await declare_topology(await self._connection.channel(), settings)
         self._dead_letter_channel = await self._connection.channel(

@@ -52,7 +52,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment a CLI process needs to read exactly these settings."""
     env = dict(os.environ)
     for name, value in settings.model_dump().items():
-        env[name.upper()] = str(value)
+        if value is not None:  # unset: the setting's default
+            env[name.upper()] = str(value)
     return env
 
 

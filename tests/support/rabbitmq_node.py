@@ -1,11 +1,13 @@
-"""A RabbitMQ node of the test's own, to stop, restart or put under a resource alarm.
+"""A RabbitMQ node of the test's own, to stop, restart, put under a resource alarm or give
+a TLS listener.
 
 The machine's shared node must never be reconfigured or stopped, so tests that need the
-broker itself to misbehave boot a second node beside it: its own node name, AMQP and
-distribution ports, and a temporary directory for its data, logs and configuration. It
-shares the machine's Erlang cookie, so `rabbitmqctl -n <node>` controls it. As root the
-node runs as the `rabbitmq` user (rabbitmq-server refuses to run as anyone else), so its
-directory belongs to that user.
+broker itself to misbehave, or configured otherwise, boot a second node beside it: its own
+node name, AMQP and distribution ports, and a temporary directory for its data, logs and
+configuration. It shares the machine's Erlang cookie, so `rabbitmqctl -n <node>` controls
+it. As root the node runs as the `rabbitmq` user (rabbitmq-server refuses to run as anyone
+else), so its directory belongs to that user; certificates for its TLS listener are copied
+there.
 """
 
 import asyncio
@@ -19,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.processes import free_port
@@ -36,6 +39,16 @@ MEMORY_ALARM = "Memory alarm"
 _LOG_TAIL_CHARS = 4000
 
 
+@dataclass(frozen=True)
+class NodeTls:
+    """A TLS listener: the node's certificate and key, and the CAs whose client certificates
+    it accepts. A client certificate is verified when a client shows one, not required."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
 class RabbitMQNodeError(AssertionError):
     """The node did not do what the test asked; the message carries its logs."""
 
@@ -43,9 +56,12 @@ class RabbitMQNodeError(AssertionError):
 class RabbitMQNode:
     """A booted node: its AMQP URL and the few `rabbitmqctl` commands fault tests need."""
 
-    def __init__(self, name: str, amqp_port: int, directory: Path) -> None:
+    def __init__(
+        self, name: str, amqp_port: int, directory: Path, amqps_port: int | None = None
+    ) -> None:
         self.name = name
         self.amqp_port = amqp_port
+        self.amqps_port = amqps_port
         self.directory = directory
         self.memory_alarm = False
 
@@ -53,6 +69,12 @@ class RabbitMQNode:
     def amqp_url(self) -> str:
         """The default vhost of this node, as guest (allowed from localhost only)."""
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def amqps_url(self) -> str:
+        """amqp_url, through the TLS listener."""
+        assert self.amqps_port is not None, "this node has no TLS listener"
+        return f"amqps://guest:guest@127.0.0.1:{self.amqps_port}/"
 
     def command(self, tool: str, *args: str) -> list[str]:
         """The argv of a RabbitMQ CLI tool (`rabbitmqctl`, `rabbitmq-diagnostics`) for this node."""
@@ -161,8 +183,10 @@ class RabbitMQNode:
 
 
 @contextlib.contextmanager
-def rabbitmq_node() -> Iterator[RabbitMQNode]:
+def rabbitmq_node(tls: NodeTls | None = None) -> Iterator[RabbitMQNode]:
     """Boot a fresh node, yield it once it has started, then stop it and remove its files.
+
+    With tls, it also listens for AMQP over TLS (`amqps_url`).
 
     Synchronous, so that a module-scoped fixture can share one node (booting takes 5-10 s);
     the node's own methods are async, so that controlling it never stalls a test's event
@@ -173,11 +197,14 @@ def rabbitmq_node() -> Iterator[RabbitMQNode]:
     name = f"score-ingest-test-{uuid.uuid4().hex[:8]}@localhost"
     amqp_port = free_port()
     directory = Path(tempfile.mkdtemp(prefix="score-ingest-rabbitmq-"))
-    node = RabbitMQNode(name, amqp_port, directory)
+    node = RabbitMQNode(name, amqp_port, directory, None if tls is None else free_port())
     process: subprocess.Popen[bytes] | None = None
     try:
         (directory / "enabled_plugins").write_text("[].\n")
-        (directory / "node.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n")
+        config = f"listeners.tcp.default = 127.0.0.1:{amqp_port}\n"
+        if tls is not None:
+            config += _tls_config(node, tls)
+        (directory / "node.conf").write_text(config)
         _chown_tree(directory, account)
         with (directory / "server.out").open("wb") as out:
             process = subprocess.Popen(
@@ -199,6 +226,23 @@ def rabbitmq_node() -> Iterator[RabbitMQNode]:
         if process is not None:
             _stop(node, process)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _tls_config(node: RabbitMQNode, tls: NodeTls) -> str:
+    """The listener's lines of node.conf, its files copied where the node can read them."""
+    (node.directory / "tls").mkdir()
+    copies = {}
+    for name, path in (("ca", tls.ca_file), ("cert", tls.cert_file), ("key", tls.key_file)):
+        copies[name] = node.directory / "tls" / f"{name}.pem"
+        shutil.copyfile(path, copies[name])
+    return (
+        f"listeners.ssl.default = 127.0.0.1:{node.amqps_port}\n"
+        f"ssl_options.cacertfile = {copies['ca']}\n"
+        f"ssl_options.certfile = {copies['cert']}\n"
+        f"ssl_options.keyfile = {copies['key']}\n"
+        "ssl_options.verify = verify_peer\n"
+        "ssl_options.fail_if_no_peer_cert = false\n"
+    )
 
 
 def _account() -> pwd.struct_passwd:
