@@ -1007,7 +1007,7 @@ def swallow_flow_ok(value: frame.FrameTypes) -> bool:
     return isinstance(value, commands.Channel.FlowOk)
 
 
-def flow_oks(frames: list[frame.FrameTypes]) -> list[bool]:
+def flow_oks(frames: list[frame.FrameTypes]) -> list[bool | None]:
     """The `active` of each channel.flow-ok the publisher sent."""
     return [value.active for value in frames if isinstance(value, commands.Channel.FlowOk)]
 

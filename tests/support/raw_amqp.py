@@ -1,10 +1,10 @@
 """Publishing messages byte for byte, as a careless or hostile publisher can.
 
 Client libraries refuse to encode what the broker accepts anyway: a header table nested
-thousands of levels deep, keys and strings that are not UTF-8, odd property values. This
-writer speaks just enough AMQP 0-9-1 (pamqp for the method frames) to publish a content
-header given as raw bytes, with publisher confirms, so tests can put such messages on a
-queue the way the real world does.
+thousands of levels deep, keys and strings that are not UTF-8, odd property values. Here
+a content header is built as raw bytes and published, with confirms, by the api's own
+publisher (`ConfirmingPublisher.publish_raw` sends it as given), so tests can put such
+messages on a queue the way the real world does.
 """
 
 import asyncio
@@ -12,15 +12,9 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import unquote, urlsplit
 
-from pamqp import commands, frame
-from pamqp.base import Frame
-from pamqp.header import ProtocolHeader
+from api.amqp import ConfirmingPublisher, PublishFailed
 
-_CHANNEL: Final = 1
-_FRAME_HEADER, _FRAME_BODY = 2, 3
-_FRAME_END: Final = b"\xce"
 _BASIC_CLASS: Final = 60
 _TIMEOUT_SECONDS: Final = 10.0
 
@@ -65,6 +59,7 @@ class RawMessage:
     body: bytes
     flags: int
     properties: bytes  # the property values, encoded, in flag order
+    message_id: str = ""  # as a returned copy's would read, to tell which publish came back
 
     def header_payload(self) -> bytes:
         """The content header frame's payload: class, weight, body size, flags, values."""
@@ -102,62 +97,8 @@ def raw_message(
     if message_type is not None:
         flags |= TYPE
         parts.append(short_string(message_type))
-    return RawMessage(body, flags, b"".join(parts))
-
-
-class _Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._reader = reader
-        self._writer = writer
-        self.frame_max = 131_072
-
-    async def receive(self) -> frame.FrameTypes:
-        header = await self._reader.readexactly(7)
-        _, _, size = struct.unpack(">BHI", header)
-        rest = await self._reader.readexactly(size + 1)
-        return frame.unmarshal(header + rest)[2]
-
-    async def expect(self, kind: type[Frame]) -> Frame:
-        received = await self.receive()
-        if not isinstance(received, kind):
-            raise AssertionError(f"expected {kind.__name__}, the broker sent {received!r}")
-        return received
-
-    def send(self, channel: int, value: frame.FrameTypes) -> None:
-        self._writer.write(frame.marshal(value, channel))
-
-    def send_raw(self, kind: int, payload: bytes) -> None:
-        self._writer.write(struct.pack(">BHI", kind, _CHANNEL, len(payload)) + payload + _FRAME_END)
-
-    async def drain(self) -> None:
-        await self._writer.drain()
-
-    async def close(self) -> None:
-        self._writer.close()
-        await self._writer.wait_closed()
-
-
-async def _open(url: str) -> _Connection:
-    parts = urlsplit(url)
-    reader, writer = await asyncio.open_connection(
-        parts.hostname or "localhost", parts.port or 5672
-    )
-    connection = _Connection(reader, writer)
-    connection.send(0, ProtocolHeader())
-    await connection.expect(commands.Connection.Start)
-    user, password = unquote(parts.username or "guest"), unquote(parts.password or "guest")
-    connection.send(0, commands.Connection.StartOk(response=f"\0{user}\0{password}"))
-    tune = await connection.expect(commands.Connection.Tune)
-    assert isinstance(tune, commands.Connection.Tune)
-    connection.frame_max = tune.frame_max or connection.frame_max
-    connection.send(0, commands.Connection.TuneOk(tune.channel_max, connection.frame_max, 0))
-    connection.send(0, commands.Connection.Open(virtual_host=unquote(parts.path[1:]) or "/"))
-    await connection.expect(commands.Connection.OpenOk)
-    connection.send(_CHANNEL, commands.Channel.Open())
-    await connection.expect(commands.Channel.OpenOk)
-    connection.send(_CHANNEL, commands.Confirm.Select())
-    await connection.expect(commands.Confirm.SelectOk)
-    return connection
+    readable_id = "" if message_id is None else message_id.decode(errors="replace")
+    return RawMessage(body, flags, b"".join(parts), readable_id)
 
 
 async def publish_raw(
@@ -165,29 +106,30 @@ async def publish_raw(
 ) -> None:
     """Publish each message (mandatory, confirmed, in order); fail unless the broker acks all."""
     async with asyncio.timeout(_TIMEOUT_SECONDS):
-        connection = await _open(url)
+        publisher = await ConfirmingPublisher.connect(
+            url,
+            connection_name="tests-raw-amqp",
+            connect_timeout=_TIMEOUT_SECONDS,
+            publish_timeout=_TIMEOUT_SECONDS,
+        )
         try:
-            publish = commands.Basic.Publish(
-                exchange=exchange, routing_key=routing_key, mandatory=True
-            )
-            chunk = connection.frame_max - 8
-            for message in messages:
-                connection.send(_CHANNEL, publish)
-                connection.send_raw(_FRAME_HEADER, message.header_payload())
-                for start in range(0, len(message.body), chunk):
-                    connection.send_raw(_FRAME_BODY, message.body[start : start + chunk])
-                await connection.drain()
-            confirmed = 0
-            while confirmed < len(messages):
-                received = await connection.receive()
-                if isinstance(received, commands.Basic.Ack):
-                    confirmed = received.delivery_tag if received.multiple else confirmed + 1
-                else:
-                    detail = getattr(received, "reply_text", "")
-                    raise AssertionError(
-                        f"the broker did not accept a message: {received!r} {detail}"
-                    )
-            connection.send(0, commands.Connection.Close(200, "done", 0, 0))
-            await connection.expect(commands.Connection.CloseOk)
+            outcomes = [
+                publisher.publish_raw(
+                    exchange,
+                    routing_key,
+                    message.header_payload(),
+                    message.body,
+                    message_id=message.message_id,
+                )
+                for message in messages
+            ]
+            results = await asyncio.gather(*outcomes, return_exceptions=True)
+            refused = [
+                f"message {index}: {result.reason}: {result}"
+                for index, result in enumerate(results)
+                if isinstance(result, PublishFailed)
+            ]
+            if refused:
+                raise AssertionError(f"the broker did not accept {'; '.join(refused)}")
         finally:
-            await connection.close()
+            await publisher.close()
