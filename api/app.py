@@ -9,7 +9,6 @@ from fastapi.telemetry import TelemetryConfig
 
 from api.deps import Services
 from api.errors import install_error_handlers
-from api.fast_path import ScoreCreateFastPath
 from api.keys import KeyVerifier
 from api.metrics import RequestContextMiddleware
 from api.publisher import ScorePublisher
@@ -74,10 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Host header, which makes an open redirect.
         redirect_slashes=False,
     )
-    # Innermost first: the fast path sees requests already checked (path, key, size),
-    # counted and tagged.
-    if settings.api_fast_path:
-        app.add_middleware(ScoreCreateFastPath)
+    # Innermost first: the gate sees requests already counted and tagged.
     app.add_middleware(
         RequestGate,
         max_bytes=settings.max_body_bytes,
@@ -85,6 +81,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware)
     install_error_handlers(app, settings.retry_after_seconds)
+    # The writes on the app's own router: through include_router, FastAPI's matching of an
+    # included route costs a single POST about a fifth more CPU (BENCHMARKS.md).
+    app.router.routes.extend(scores.writes.routes)
     app.include_router(scores.router)
     app.include_router(health.router)
     return app

@@ -1,7 +1,7 @@
-"""The request body size limit, and helpers to look at a request and replay its body."""
+"""The request body size limit, and helpers to read a request's headers and body."""
 
 from fastapi import status
-from starlette.types import Message, Receive, Scope
+from starlette.types import Receive, Scope
 
 from api.errors import ApiError
 
@@ -23,9 +23,9 @@ class ClientGone(Exception):
     """The client disconnected before its body arrived whole (or the server cut it off)."""
 
 
-async def read_body(scope: Scope, receive: Receive, limit: int) -> Message:
-    """The request's whole body as one message, read only while it stays within limit;
-    raises BodyTooLarge (a declared length over the limit is refused unread) or ClientGone."""
+async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    """The request's whole body, read only while it stays within limit; raises BodyTooLarge
+    (a declared length over the limit is refused unread) or ClientGone."""
     declared = header(scope, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)
@@ -35,15 +35,12 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> Message:
         message = await receive()
         if message["type"] != "http.request":
             raise ClientGone
-        chunk = message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(limit)
         if not message.get("more_body", False):
-            if not chunks:
-                return message
-            chunks.append(chunk)
-            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return b"".join([*chunks, chunk]) if chunks else chunk
         chunks.append(chunk)
 
 
@@ -53,15 +50,3 @@ def header(scope: Scope, name: bytes) -> bytes | None:
         if key == name:
             return bytes(value)
     return None
-
-
-def replay(messages: list[Message], receive: Receive) -> Receive:
-    """A receive that gives these messages first, then the rest of the request."""
-    pending = list(messages)
-
-    async def replayed() -> Message:
-        if pending:
-            return pending.pop(0)
-        return await receive()
-
-    return replayed

@@ -8,10 +8,10 @@ A write (`POST …/scores`, `POST …/scores/batch`) is checked before a byte of
 read, in the order the routes check it: the names (the same 422 the route gives), the key
 (401, 403, or 503 when it cannot be verified now), the charset (415: bodies are read as
 UTF-8 only), the declared length (413). Only then is its body read, whole and up to its
-limit (413 past it), and handed on as one message, with the key's scope for the fast path.
-So a client without a valid key costs a key check, never a body: what it sends after its
-headers is not read, and the server closes the connection after the answer
-(api/http_server.py).
+limit (413 past it), and left with the key's project scope for the write's route
+(api/json_route.py, CheckedWrite). So a client without a valid key costs a key check, never
+a body: what it sends after its headers is not read, and the server closes the connection
+after the answer (api/http_server.py).
 
 Everything else goes on untouched: no other route reads a body.
 """
@@ -22,14 +22,14 @@ from typing import Any, Literal
 from urllib.parse import unquote_to_bytes
 
 from fastapi import status
-from fastapi.routing import APIRoute
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import ProjectScope, Services, project_scope
 from api.errors import ApiError, InvalidCredentials, error_response
-from api.limits import ClientGone, read_body, replay
+from api.json_route import CHECKED_WRITE, CheckedWrite, WriteRoute
+from api.limits import ClientGone, read_body
 from api.routes import scores
 from shared.contract import EntityName, ProjectName
 
@@ -40,8 +40,6 @@ _NAMES: tuple[tuple[str, TypeAdapter[str]], ...] = (
 # pydantic's own words for bytes that are not UTF-8.
 _NOT_UTF8 = "Input should be a valid string, unable to parse raw data as a unicode string"
 _UTF8_CHARSETS = frozenset({"utf-8", "utf8", "us-ascii"})
-# Where the gate leaves (kind of write, ProjectScope) for the fast path.
-_AUTHORIZED = "score_ingest.authorized"
 
 Write = Literal["single", "batch"]
 _WRITE_PATHS: tuple[tuple[Write, str], ...] = (
@@ -78,11 +76,11 @@ class RequestGate:
         self.app = app
         self._limits: dict[Write, int] = {"single": max_bytes, "batch": max_batch_bytes}
         # What the router puts in the scope: the metrics label requests by its path.
-        self._routes: dict[Write, APIRoute] = {
+        self._routes: dict[Write, WriteRoute] = {
             kind: next(
                 route
-                for route in scores.router.routes
-                if isinstance(route, APIRoute) and route.path == path and route.methods == {"POST"}
+                for route in scores.writes.routes
+                if isinstance(route, WriteRoute) and route.path == path
             )
             for kind, path in _WRITE_PATHS
         }
@@ -114,16 +112,8 @@ class RequestGate:
             return
         except ClientGone:
             return
-        scope[_AUTHORIZED] = (kind, authorized)
-        await self.app(scope, replay([body], receive), send)
-
-
-def authorized_create(scope: Scope) -> ProjectScope | None:
-    """The project scope RequestGate verified for this request, if it is a single create."""
-    authorized: tuple[Write, ProjectScope] | None = scope.get(_AUTHORIZED)
-    if authorized is None or authorized[0] != "single":
-        return None
-    return authorized[1]
+        scope[CHECKED_WRITE] = CheckedWrite(authorized, body)
+        await self.app(scope, receive, send)
 
 
 def api_key(authorization: str | None) -> str:

@@ -47,6 +47,10 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 def api(
     host: Annotated[str | None, typer.Option(help="Interface to bind (API_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on (API_PORT)")] = None,
+    root_path: Annotated[
+        str | None,
+        typer.Option(help="Path prefix a proxy serves the api under and strips (API_ROOT_PATH)"),
+    ] = None,
 ) -> None:
     """Serve the HTTP API."""
     settings = get_settings()
@@ -57,6 +61,7 @@ def api(
         application,
         host=host or settings.api_host,
         port=port if port is not None else settings.api_port,
+        root_path=settings.api_root_path if root_path is None else root_path,
         log_level=settings.log_level.lower(),
         log_config=None,
         timeout_graceful_shutdown=math.ceil(settings.publish_timeout_seconds) + 1,

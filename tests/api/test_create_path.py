@@ -1,10 +1,12 @@
-"""The fast path (api/fast_path.py) answers every request as FastAPI's routing does.
+"""The one create path: every request to the writes is answered as it was before it.
 
-Each case goes to two apps built from the same settings but for `api_fast_path`, both
-running their lifespan against the real PostgreSQL and RabbitMQ. They must give the same
-status, the same headers (but x-request-id) and the same body (but the random score ids),
-and publish the same scores. The fast-path app's hand-over to FastAPI is watched, so each
-case also shows whether the fast path answered it itself or passed it on.
+Until issue 14 a plain single-score POST was answered by a fast path in front of FastAPI,
+and everything else by FastAPI's routes; they gave the same answer to every case below, and
+those answers are kept in create_path_answers.json: status, headers but x-request-id, body
+with a 200's score id masked. Each case now goes to one app, running its lifespan against the
+real PostgreSQL and RabbitMQ, at the root and behind a path prefix, and must get its recorded
+answer, publish what it answered and no more, and have its body read only when its path, key
+and charset passed (RequestGate answers the rest before reading a byte of it).
 """
 
 import asyncio
@@ -13,34 +15,44 @@ import contextlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
 import pytest
+from aio_pika import DeliveryMode
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from fastapi import FastAPI
-from starlette.types import ASGIApp, Receive, Scope, Send
+from fastapi import Depends, Query
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app import create_app
-from api.fast_path import ScoreCreateFastPath
+from api.deps import ProjectScopeDep
+from api.json_route import WriteRoute
 from api.keys import create_key, revoke_key
+from api.routes import scores
+from api.schemas import ScoreCreateBody, ScoreCreateRes
 from shared.contract import BATCH_MESSAGE_TYPE, MESSAGE_TYPE, ScoreBatchMessage, ScoreMessage
 from shared.settings import Settings
-from shared.topology import API_EXCHANGE
+from shared.topology import API_EXCHANGE, ROUTING_KEY
 from tests.api.test_health_and_metrics import SCORES_ROUTE, Samples, sample, scrape
-from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, client_for, score_body
-from tests.support.processes import free_port
+from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, score_body
+from tests.support.processes import api_process, free_port
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
 JSON_TYPE = {"Content-Type": "application/json"}
 UNKNOWN_KEY = f"si_{'0' * 16}_{'A' * 43}"
 UUID_TEXT = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+PREFIX = "/ingest"
+ROOT_PATHS = pytest.mark.parametrize("root_path", ["", PREFIX], ids=["at /", f"behind {PREFIX}"])
+ANSWERS: dict[str, dict[str, Any]] = json.loads(
+    Path(__file__).with_name("create_path_answers.json").read_text()
+)
 
 
 def _json(body: object) -> bytes:
@@ -57,91 +69,66 @@ def _without(name: str) -> dict[str, object]:
 VALID = _json(score_body())
 
 
-# --- Two apps, one with the fast path, watched ----------------------------------------------
+# --- The app, watched ------------------------------------------------------------------------
 
 
-class PassedOn:
-    """Sits where the fast path hands requests on to FastAPI, and counts them."""
+class BodyWatch:
+    """Wraps the app and notes whether a request's body was read before it was answered."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.count = 0
+        self.read_before_answer = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Count an HTTP request, then hand it on unchanged."""
-        if scope["type"] == "http":
-            self.count += 1
-        await self.app(scope, receive, send)
+        """Run the request, watching its receive and send."""
+        answered = False
 
+        async def watched_receive() -> Message:
+            if not answered:
+                self.read_before_answer = True
+            return await receive()
 
-def _middleware_layers(application: FastAPI) -> Iterator[object]:
-    """Each layer of the app's middleware stack, built now as its first request would."""
-    if application.middleware_stack is None:
-        application.middleware_stack = application.build_middleware_stack()
-    layer: object = application.middleware_stack
-    while layer is not None and layer is not application.router:
-        yield layer
-        layer = getattr(layer, "app", None)
+        async def watched_send(message: Message) -> None:
+            nonlocal answered
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
 
-
-def _watch_fast_path(application: FastAPI) -> PassedOn | None:
-    """Put a PassedOn behind the app's fast path; None when the app has no fast path."""
-    found = [
-        layer for layer in _middleware_layers(application) if isinstance(layer, ScoreCreateFastPath)
-    ]
-    if not found:
-        return None
-    (fast_path,) = found
-    passed_on = PassedOn(fast_path.app)
-    fast_path.app = passed_on
-    return passed_on
+        await self.app(scope, watched_receive, watched_send)
 
 
 @dataclass(frozen=True)
 class Served:
-    """A client of a running app, and what its fast path passed on (None: no fast path)."""
+    """A client of a running app, behind root_path, and the app's watch."""
 
     client: httpx.AsyncClient
-    passed_on: PassedOn | None
+    watch: BodyWatch
+    root_path: str
 
-    @property
-    def handed_on_count(self) -> int:
-        """Requests the fast path passed on so far."""
-        assert self.passed_on is not None, "this app has no fast path"
-        return self.passed_on.count
+    async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        """A request to path under the app's root path."""
+        return await self.client.request(method, self.root_path + path, **kwargs)
 
 
 @contextlib.asynccontextmanager
 async def _serving(
-    settings: Settings, *, fast_path: bool, broker_up: bool = True
+    settings: Settings, root_path: str = "", *, broker_up: bool = True
 ) -> AsyncIterator[Served]:
-    """The app on settings with the fast path on or off, its lifespan running (as in
-    tests.conftest.running_app, which also waits for the broker: here only when it is up)."""
-    application = create_app(settings.model_copy(update={"api_fast_path": fast_path}))
-    passed_on = _watch_fast_path(application)
-    assert (passed_on is not None) == fast_path, "api_fast_path does not switch the fast path"
+    """The app on settings, its lifespan running (as in tests.conftest.running_app, which
+    also waits for the broker: here only when it is up), served behind root_path as uvicorn
+    serves it (the path with the prefix, root_path the prefix)."""
+    application = create_app(settings)
+    watch = BodyWatch(application)
+    transport = httpx.ASGITransport(app=watch, root_path=root_path)
     async with application.router.lifespan_context(application):
         if broker_up:
             publisher = application.state.services.publisher
             await asyncio.wait_for(publisher.wait_ready(), timeout=10)
-        async with client_for(application) as client:
-            yield Served(client, passed_on)
-
-
-@contextlib.asynccontextmanager
-async def _both(
-    settings: Settings, *, broker_up: bool = True
-) -> AsyncIterator[tuple[Served, Served]]:
-    """(with the fast path, without): two apps on the same settings but for api_fast_path."""
-    async with (
-        _serving(settings, fast_path=True, broker_up=broker_up) as fast,
-        _serving(settings, fast_path=False, broker_up=broker_up) as routed,
-    ):
-        yield fast, routed
+        async with httpx.AsyncClient(transport=transport, base_url="http://score-ingest") as client:
+            yield Served(client, watch, root_path)
 
 
 class Outage(Enum):
-    """A service the apps are pointed away from: nothing listens on the port they get."""
+    """A service the app is pointed away from: nothing listens on the port it gets."""
 
     BROKER = "broker"
     DATABASE = "database"
@@ -162,35 +149,19 @@ def _with_outage(settings: Settings, outage: Outage | None) -> Settings:
     return settings
 
 
-# --- Comparing answers and what was published -----------------------------------------------
+# --- Answers and what was published ----------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Answer:
-    """What must be the same either way: the status, the headers but x-request-id (as a
-    sorted list: repeated headers count), and the body with any score id masked in a 200."""
-
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-
-def _answer(response: httpx.Response) -> Answer:
+def _answer(response: httpx.Response) -> dict[str, Any]:
+    """What is recorded of an answer: the status, the headers but x-request-id (sorted: a
+    repeated header counts), and the body with any score id masked in a 200."""
     headers = sorted(
-        (name, value) for name, value in response.headers.multi_items() if name != "x-request-id"
+        [name, value] for name, value in response.headers.multi_items() if name != "x-request-id"
     )
     body = response.content
     if response.status_code == 200:
         body = UUID_TEXT.sub(b"<uuid>", body)
-    return Answer(response.status_code, headers, body)
-
-
-def _assert_same(with_fast_path: httpx.Response, without: httpx.Response) -> None:
-    """Both answers alike; on a difference, show both in full."""
-    fast_answer, routed_answer = _answer(with_fast_path), _answer(without)
-    assert fast_answer == routed_answer, (
-        f"with the fast path: {fast_answer}\nwithout the fast path: {routed_answer}"
-    )
+    return {"status": response.status_code, "headers": headers, "body": body.decode()}
 
 
 def _only_score_id(response: httpx.Response) -> str:
@@ -285,19 +256,17 @@ def _b64(text: str) -> str:
 
 @dataclass(frozen=True)
 class Case:
-    """One request, the status both apps must answer it with, and whether the fast-path
-    app hands it on to FastAPI's routing (False: answered before, by the fast path itself
-    or, for a path, key, charset or size it refuses before reading the body, by the
-    request gate)."""
+    """One request, the status of its recorded answer, whether its body is read before it is
+    answered (None: not a POST, not watched), and how many scores it publishes."""
 
     status: int
-    handed_on: bool
+    reads_body: bool | None = None
     headers: Headers = VALID_KEY
     body: bytes = VALID
     method: str = "POST"
     path: str = URL
     outage: Outage | None = None
-    published: int = 0  # scores each app publishes
+    published: int = 0
 
     @property
     def creates_one(self) -> bool:
@@ -306,18 +275,20 @@ class Case:
 
 
 def created(headers: Headers = VALID_KEY, body: bytes = VALID, path: str = URL) -> Case:
-    """A score the fast path creates: 200, one score published."""
-    return Case(200, False, headers, body, path=path, published=1)
+    """A score created: 200, one score published."""
+    return Case(200, True, headers, body, path=path, published=1)
 
 
-def handed_on(status: int, body: bytes = VALID, headers: Headers = VALID_KEY) -> Case:
-    """A POST to the create path that the fast path hands on; FastAPI answers status."""
+def invalid(status: int, body: bytes = VALID, headers: Headers = VALID_KEY) -> Case:
+    """A POST to the create path whose body is read and refused with status."""
     return Case(status, True, headers, body)
 
 
-def kept(status: int, headers: Headers, outage: Outage | None = None, body: bytes = VALID) -> Case:
-    """A POST to the create path answered with status before FastAPI: its key or charset
-    (by the request gate, before the body is read), or an outage."""
+def unread(
+    status: int, headers: Headers, outage: Outage | None = None, body: bytes = VALID
+) -> Case:
+    """A POST to the create path answered with status before its body is read: its key,
+    charset or declared length."""
     return Case(status, False, headers, body, outage=outage)
 
 
@@ -326,7 +297,7 @@ def _with_key(key: Callable[[Keys], str], auth: Callable[[str], dict[str, str]])
 
 
 CASES: dict[str, Case] = {
-    # Valid requests, answered 200 by the fast path.
+    # Valid requests.
     "basic, username api": created(VALID_KEY),
     "basic, another username": created(
         _with_key(lambda k: k.valid, lambda key: _basic("user@example.com", key))
@@ -343,44 +314,47 @@ CASES: dict[str, Case] = {
     "unknown field": created(body=_json(score_body(extra="ignored"))),
     "query string": created(path=f"{URL}?evaluation_run_id=x"),
     "bearer after two spaces": created(_authorization(lambda k: f"Bearer  {k.valid}")),
-    # Both read Basic credentials with a lenient base64 decoder, which skips such characters.
+    # Basic credentials are read with a lenient base64 decoder (as FastAPI's HTTPBasic reads
+    # them), which skips such characters.
     "basic with characters outside base64": created(
         _authorization(lambda k: f"Basic !{_b64('api:' + k.valid)}!")
     ),
-    # Keys that fail: in the header (FastAPI's HTTPBasic/HTTPBearer refuse it), or the key.
-    "no authorization": kept(401, lambda k: dict(JSON_TYPE)),
-    "basic not base64": kept(401, _authorization(lambda k: "Basic !!!not-base64!!!")),
-    "basic without colon": kept(401, _authorization(lambda k: f"Basic {_b64(k.valid)}")),
-    "basic not ascii": kept(401, _authorization(lambda k: f"Basic {_b64('api:' + k.valid + 'é')}")),
-    "empty bearer": kept(401, _authorization(lambda k: "Bearer ")),
-    "unknown scheme": kept(401, _authorization(lambda k: "Token x")),
-    "basic, empty password": kept(401, _with_key(lambda k: "", basic_auth)),
-    "unknown key": kept(401, _with_key(lambda k: UNKNOWN_KEY, bearer_auth)),
-    "malformed key": kept(401, _with_key(lambda k: "not-an-api-key", basic_auth)),
-    "revoked key": kept(401, _with_key(lambda k: k.revoked, basic_auth)),
-    "key of another entity": kept(403, _with_key(lambda k: k.other_entity, bearer_auth)),
-    "key of another project": kept(403, _with_key(lambda k: k.other_project, basic_auth)),
-    # Bodies, content types and paths that FastAPI refuses.
-    "missing prediction_id": handed_on(422, _json(_without("prediction_id"))),
-    "prediction_id a number": handed_on(422, _json(score_body(prediction_id=42))),
-    "empty evaluation_run_id": handed_on(422, _json(score_body(evaluation_run_id=""))),
-    "bad scorer ref": handed_on(422, _json(score_body(scorer="weave:///not/a/ref"))),
-    "NUL in value": handed_on(422, _json(score_body(value={"a": "x\u0000y"}))),
-    "NUL in prediction_id": handed_on(422, _json(score_body(prediction_id="p\u0000"))),
-    "invalid json": handed_on(422, VALID[:-1]),
-    "empty body": handed_on(422, b""),
-    "json array": handed_on(422, _json([score_body()])),
-    "json string": handed_on(422, _json("score")),
-    "NaN literal": handed_on(422, _json(score_body(value=float("nan")))),
-    "number overflowing to infinity": handed_on(422, VALID.replace(b"0.75", b"1e400")),
-    # FastAPI (strict_content_type, its default) does not read a body without a content
-    # type as JSON.
-    "no content type": handed_on(422, headers=_valid_key(None)),
-    "empty content type": handed_on(422, headers=_valid_key("")),
-    "text/plain": handed_on(422, headers=_valid_key("text/plain")),
-    "form urlencoded": handed_on(422, headers=_valid_key("application/x-www-form-urlencoded")),
-    # Names are checked before the key, as FastAPI's route checks them, but by the request
-    # gate, before the body is read.
+    # Keys that fail: in the header (as FastAPI's HTTPBasic/HTTPBearer refuse it), or the key.
+    "no authorization": unread(401, lambda k: dict(JSON_TYPE)),
+    "basic not base64": unread(401, _authorization(lambda k: "Basic !!!not-base64!!!")),
+    "basic without colon": unread(401, _authorization(lambda k: f"Basic {_b64(k.valid)}")),
+    "basic not ascii": unread(
+        401, _authorization(lambda k: f"Basic {_b64('api:' + k.valid + 'é')}")
+    ),
+    "empty bearer": unread(401, _authorization(lambda k: "Bearer ")),
+    "unknown scheme": unread(401, _authorization(lambda k: "Token x")),
+    "basic, empty password": unread(401, _with_key(lambda k: "", basic_auth)),
+    "unknown key": unread(401, _with_key(lambda k: UNKNOWN_KEY, bearer_auth)),
+    "malformed key": unread(401, _with_key(lambda k: "not-an-api-key", basic_auth)),
+    "revoked key": unread(401, _with_key(lambda k: k.revoked, basic_auth)),
+    "key of another entity": unread(403, _with_key(lambda k: k.other_entity, bearer_auth)),
+    "key of another project": unread(403, _with_key(lambda k: k.other_project, basic_auth)),
+    # Bodies and content types that do not validate, with FastAPI's errors.
+    "missing prediction_id": invalid(422, _json(_without("prediction_id"))),
+    "prediction_id a number": invalid(422, _json(score_body(prediction_id=42))),
+    "empty evaluation_run_id": invalid(422, _json(score_body(evaluation_run_id=""))),
+    "bad scorer ref": invalid(422, _json(score_body(scorer="weave:///not/a/ref"))),
+    "NUL in value": invalid(422, _json(score_body(value={"a": "x\u0000y"}))),
+    "NUL in prediction_id": invalid(422, _json(score_body(prediction_id="p\u0000"))),
+    "invalid json": invalid(422, VALID[:-1]),
+    "empty body": invalid(422, b""),
+    "json array": invalid(422, _json([score_body()])),
+    "json string": invalid(422, _json("score")),
+    "NaN literal": invalid(422, _json(score_body(value=float("nan")))),
+    "number overflowing to infinity": invalid(422, VALID.replace(b"0.75", b"1e400")),
+    # FastAPI (strict_content_type, its default) does not read a body without a JSON
+    # content type as JSON.
+    "no content type": invalid(422, headers=_valid_key(None)),
+    "empty content type": invalid(422, headers=_valid_key("")),
+    "text/plain": invalid(422, headers=_valid_key("text/plain")),
+    "form urlencoded": invalid(422, headers=_valid_key("application/x-www-form-urlencoded")),
+    # Names are checked before the key, as FastAPI's routes check them, but before the body
+    # is read.
     "entity with a colon": Case(422, False, path=f"/v2/ac:me/{PROJECT}/scores"),
     "entity with a percent": Case(422, False, path=f"/v2/ac%25me/{PROJECT}/scores"),
     "entity of 129 characters": Case(422, False, path=f"/v2/{'e' * 129}/{PROJECT}/scores"),
@@ -394,27 +368,25 @@ CASES: dict[str, Case] = {
     "project not UTF-8, batch": Case(
         422, False, body=_json({"scores": [score_body()]}), path=f"/v2/{ENTITY}/%ff/scores/batch"
     ),
-    "project not UTF-8, GET": Case(
-        422, False, body=b"", method="GET", path=f"/v2/{ENTITY}/%ff/scores"
-    ),
+    "project not UTF-8, GET": Case(422, body=b"", method="GET", path=f"/v2/{ENTITY}/%ff/scores"),
     "percent-encoded UTF-8 project": created(path=f"/v2/{ENTITY}/%C3%A9vals/scores"),
     # The key is checked before the body is read: a body is never decoded for a bad key.
-    "invalid body, unknown key": kept(
+    "invalid body, unknown key": unread(
         401, _with_key(lambda k: UNKNOWN_KEY, bearer_auth), body=_json(score_body(scorer="nope"))
     ),
-    "invalid body, key of another entity": kept(
+    "invalid body, key of another entity": unread(
         403, _with_key(lambda k: k.other_entity, basic_auth), body=b"[]"
     ),
-    "invalid json, no key": kept(401, lambda k: dict(JSON_TYPE), body=b"{"),
-    "body over the limit, no key": kept(
+    "invalid json, no key": unread(401, lambda k: dict(JSON_TYPE), body=b"{"),
+    "body over the limit, no key": unread(
         401, lambda k: dict(JSON_TYPE), body=_json(score_body(value="x" * 1024 * 1024))
     ),
     # Bodies are read as UTF-8 only: another charset is refused, after the key.
-    "charset latin-1": kept(415, _valid_key("application/json; charset=latin-1")),
-    "charset utf-16": kept(415, _valid_key("application/json; charset=utf-16")),
-    "quoted charset iso-8859-1": kept(415, _valid_key('application/json; charset="ISO-8859-1"')),
-    "text/plain, charset latin-1": kept(415, _valid_key("text/plain; charset=latin-1")),
-    "charset latin-1, unknown key": kept(
+    "charset latin-1": unread(415, _valid_key("application/json; charset=latin-1")),
+    "charset utf-16": unread(415, _valid_key("application/json; charset=utf-16")),
+    "quoted charset iso-8859-1": unread(415, _valid_key('application/json; charset="ISO-8859-1"')),
+    "text/plain, charset latin-1": unread(415, _valid_key("text/plain; charset=latin-1")),
+    "charset latin-1, unknown key": unread(
         401,
         lambda k: {**bearer_auth(UNKNOWN_KEY), "Content-Type": "application/json; charset=latin-1"},
     ),
@@ -428,15 +400,14 @@ CASES: dict[str, Case] = {
     "charset UTF8": created(_valid_key("application/json; charset=UTF8")),
     "quoted charset utf-8": created(_valid_key('application/json; charset="utf-8"')),
     "charset us-ascii": created(_valid_key("application/json; charset=US-ASCII")),
-    "+json content type": Case(200, True, _valid_key("application/vnd.api+json"), published=1),
-    # The second app's request reuses the first's key: the same score id, published again.
-    "idempotency key": Case(200, True, _valid_key(**{"Idempotency-Key": "retry-1"}), published=1),
-    "invalid idempotency key": handed_on(422, headers=_valid_key(**{"Idempotency-Key": "a b"})),
-    "body over the limit": Case(413, False, body=_json(score_body(value="x" * 1024 * 1024))),
+    "+json content type": created(_valid_key("application/vnd.api+json")),
+    "idempotency key": created(_valid_key(**{"Idempotency-Key": "retry-1"})),
+    "invalid idempotency key": invalid(422, headers=_valid_key(**{"Idempotency-Key": "a b"})),
+    "body over the limit": unread(413, VALID_KEY, body=_json(score_body(value="x" * 1024 * 1024))),
     # Near the create path, but not it.
     # No redirect (its Location would be built from the Host header): not found.
-    "trailing slash": Case(404, True, path=f"{URL}/"),
-    "trailing slash, batch": Case(404, True, path=f"{URL}/batch/"),
+    "trailing slash": Case(404, False, path=f"{URL}/"),
+    "trailing slash, batch": Case(404, False, path=f"{URL}/batch/"),
     "batch": Case(
         200,
         True,
@@ -444,74 +415,64 @@ CASES: dict[str, Case] = {
         path=f"{URL}/batch",
         published=2,
     ),
-    "GET the create path": Case(200, True, body=b"", method="GET"),
-    "GET the create path without a key": Case(401, True, lambda k: {}, b"", method="GET"),
-    "PUT the create path": Case(405, True, method="PUT"),
-    "HEAD the create path": Case(405, True, method="HEAD", body=b""),
-    "extra segment inside": Case(404, True, path=f"/v2/{ENTITY}/{PROJECT}/x/scores"),
-    "extra segment after": Case(405, True, path=f"{URL}/x"),
-    "encoded slash in the entity": Case(404, True, path=f"/v2/a%2Fb/{PROJECT}/scores"),
-    "empty entity": Case(404, True, path=f"/v2//{PROJECT}/scores"),
-    "v1": Case(404, True, path=f"/v1/{ENTITY}/{PROJECT}/scores"),
-    # Services down: the same 503 with Retry-After, or the same answer that comes first.
-    "broker down": kept(503, VALID_KEY, Outage.BROKER),
-    "broker down, bearer": kept(503, _with_key(lambda k: k.valid, bearer_auth), Outage.BROKER),
+    "GET the create path": Case(200, None, body=b"", method="GET"),
+    "GET the create path without a key": Case(401, None, lambda k: {}, b"", method="GET"),
+    "PUT the create path": Case(405, None, method="PUT"),
+    "HEAD the create path": Case(405, None, method="HEAD", body=b""),
+    "extra segment inside": Case(404, False, path=f"/v2/{ENTITY}/{PROJECT}/x/scores"),
+    "extra segment after": Case(405, False, path=f"{URL}/x"),
+    "encoded slash in the entity": Case(404, False, path=f"/v2/a%2Fb/{PROJECT}/scores"),
+    "empty entity": Case(404, False, path=f"/v2//{PROJECT}/scores"),
+    "v1": Case(404, False, path=f"/v1/{ENTITY}/{PROJECT}/scores"),
+    # Services down: a 503 with Retry-After, or the answer that comes first.
+    "broker down": Case(503, True, outage=Outage.BROKER),
+    "broker down, bearer": Case(
+        503, True, _with_key(lambda k: k.valid, bearer_auth), outage=Outage.BROKER
+    ),
     "broker down, batch": Case(
         503, True, body=_json({"scores": [score_body()]}), path=f"{URL}/batch", outage=Outage.BROKER
     ),
-    "broker down, invalid body": replace(handed_on(422, b"[]"), outage=Outage.BROKER),
-    "database down, uncached key": kept(503, VALID_KEY, Outage.DATABASE),
-    "database down, malformed key": kept(
+    "broker down, invalid body": replace(invalid(422, b"[]"), outage=Outage.BROKER),
+    "database down, uncached key": unread(503, VALID_KEY, Outage.DATABASE),
+    "database down, malformed key": unread(
         401, _with_key(lambda k: "not-an-api-key", basic_auth), Outage.DATABASE
     ),
-    "database down, invalid body": kept(503, VALID_KEY, Outage.DATABASE, body=b"[]"),
+    "database down, invalid body": unread(503, VALID_KEY, Outage.DATABASE, body=b"[]"),
 }
 
 
-async def _send(served: Served, case: Case, keys: Keys) -> httpx.Response:
-    return await served.client.request(
-        case.method, case.path, content=case.body, headers=case.headers(keys)
-    )
+def test_every_case_has_a_recorded_answer() -> None:
+    assert set(ANSWERS["requests"]) == set(CASES)
+    assert set(ANSWERS["streamed"]) == set(STREAMED)
 
 
+@ROOT_PATHS
 @pytest.mark.parametrize("name", CASES)
-async def test_both_ways_give_the_same_answer(
-    settings: Settings, keys: Keys, persist_queue: AbstractQueue, name: str
+async def test_each_request_gets_its_recorded_answer(
+    settings: Settings, keys: Keys, persist_queue: AbstractQueue, name: str, root_path: str
 ) -> None:
     case = CASES[name]
     settings = _with_outage(settings, case.outage)
-    async with _both(settings, broker_up=case.outage is not Outage.BROKER) as (fast, routed):
-        with_fast_path = await _send(fast, case, keys)
-        without = await _send(routed, case, keys)
+    async with _serving(settings, root_path, broker_up=case.outage is not Outage.BROKER) as served:
+        response = await served.request(
+            case.method, case.path, content=case.body, headers=case.headers(keys)
+        )
 
-    _assert_same(with_fast_path, without)
-    assert with_fast_path.status_code == case.status, with_fast_path.text
-    assert fast.handed_on_count == int(case.handed_on), "handed on, or not, unlike expected"
+    assert _answer(response) == ANSWERS["requests"][name]
+    assert response.status_code == case.status, response.text
+    if case.reads_body is not None:
+        assert served.watch.read_before_answer == case.reads_body, (
+            "body read, or not, unlike expected"
+        )
     if case.status == 200 and case.creates_one:
-        _only_score_id(with_fast_path)
-        _only_score_id(without)
+        _only_score_id(response)
     if case.status == 503:
-        assert int(with_fast_path.headers["retry-after"]) >= 1
+        assert int(response.headers["retry-after"]) >= 1
     published = [str(score.score_id) for score in await _published_scores(persist_queue)]
-    assert len(published) == 2 * case.published
-    answered = [
-        score_id.decode()
-        for response in (with_fast_path, without)
-        if response.status_code == 200 and case.method == "POST"
-        for score_id in UUID_TEXT.findall(response.content)
-    ]
-    assert sorted(published) == sorted(answered), "published other scores than answered"
-
-
-def test_api_fast_path_false_in_the_environment_turns_it_off(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.delenv("API_FAST_PATH", raising=False)
-    assert Settings().api_fast_path is True
-    assert _watch_fast_path(create_app(Settings())) is not None
-    monkeypatch.setenv("API_FAST_PATH", "false")
-    assert Settings().api_fast_path is False
-    assert _watch_fast_path(create_app(Settings())) is None
+    assert len(published) == case.published
+    if case.method == "POST" and case.status == 200:
+        answered = [score_id.decode() for score_id in UUID_TEXT.findall(response.content)]
+        assert sorted(published) == sorted(answered), "published other scores than answered"
 
 
 # --- What is published -----------------------------------------------------------------------
@@ -548,38 +509,44 @@ MESSAGE_BODIES: dict[str, dict[str, object]] = {
 }
 
 
+# Through the api's own exchange, which only the api may write to (README, trust model).
+EXPECTED_PROPERTIES = {
+    "exchange": API_EXCHANGE,
+    "routing_key": ROUTING_KEY,
+    "content_type": "application/json",
+    "content_encoding": None,
+    "headers": {"x-delivery-count": 0},  # the quorum queue's
+    "delivery_mode": DeliveryMode.PERSISTENT,
+    "priority": 0,
+    "correlation_id": None,
+    "reply_to": None,
+    "expiration": None,
+    "type": MESSAGE_TYPE,
+    "user_id": None,
+    "app_id": "score-ingest",
+}
+
+
 @pytest.mark.parametrize("name", MESSAGE_BODIES)
-async def test_both_ways_publish_the_same_message(
+async def test_a_created_score_is_published_as_one_message(
     settings: Settings, api_key: str, persist_queue: AbstractQueue, name: str
 ) -> None:
     body = MESSAGE_BODIES[name]
-    published: list[tuple[str, AbstractIncomingMessage]] = []
-    async with _both(settings) as (fast, routed):
-        for served in (fast, routed):
-            response = await served.client.post(
-                URL, content=_json(body), headers={**basic_auth(api_key), **JSON_TYPE}
-            )
-            published.append((_only_score_id(response), await _take_only_message(persist_queue)))
-        assert fast.handed_on_count == 0, "the fast path did not answer"
+    async with _serving(settings) as served:
+        response = await served.request(
+            "POST", URL, content=_json(body), headers={**basic_auth(api_key), **JSON_TYPE}
+        )
+        score_id = _only_score_id(response)
+        message = await _take_only_message(persist_queue)
 
-    (_, with_fast_path), (_, without) = published
-    assert _properties(with_fast_path) == _properties(without)
-    fields = []
-    for score_id, message in published:
-        assert message.type == MESSAGE_TYPE
-        assert message.exchange == API_EXCHANGE
-        assert message.content_type == "application/json"
-        assert message.delivery_mode == 2
-        assert message.message_id == score_id
-        assert message.timestamp is not None
-        ScoreMessage.model_validate_json(message.body)
-        decoded = json.loads(message.body)
-        assert decoded.pop("score_id") == score_id
-        datetime.fromisoformat(decoded.pop("created_at"))
-        fields.append(decoded)
-    assert list(fields[0]) == list(fields[1]), "the same fields in the same order"
-    assert fields[0] == fields[1]
-    assert fields[0] == {
+    assert _properties(message) == EXPECTED_PROPERTIES
+    assert message.message_id == score_id
+    assert message.timestamp is not None
+    ScoreMessage.model_validate_json(message.body)
+    decoded = json.loads(message.body)
+    assert decoded.pop("score_id") == score_id
+    datetime.fromisoformat(decoded.pop("created_at"))
+    assert decoded == {
         "entity": ENTITY,
         "project": PROJECT,
         "prediction_id": body["prediction_id"],
@@ -588,38 +555,42 @@ async def test_both_ways_publish_the_same_message(
         "evaluation_run_id": body.get("evaluation_run_id"),
         "created_by": api_key.split("_")[1],
     }
+    assert list(decoded) == list(
+        ["entity", "project", "prediction_id", "scorer", "value", "evaluation_run_id", "created_by"]
+    ), "the fields in the message's order"
 
 
 # --- Metrics ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fast_path", [True, False], ids=["with the fast path", "without"])
+@ROOT_PATHS
 async def test_requests_are_counted_by_the_route_template(
-    settings: Settings, api_key: str, fast_path: bool
+    settings: Settings, api_key: str, root_path: str
 ) -> None:
-    async with _serving(settings, fast_path=fast_path) as served:
+    async with _serving(settings, root_path) as served:
         before = await scrape(served.client)
-        handed_on_before = served.handed_on_count if fast_path else 0
-        created = await served.client.post(
-            URL, content=VALID, headers={**basic_auth(api_key), **JSON_TYPE}
+        created_ = await served.request(
+            "POST", URL, content=VALID, headers={**basic_auth(api_key), **JSON_TYPE}
         )
-        assert created.status_code == 200, created.text
-        unknown = await served.client.post(
-            URL, content=VALID, headers={**bearer_auth(UNKNOWN_KEY), **JSON_TYPE}
+        assert created_.status_code == 200, created_.text
+        unknown = await served.request(
+            "POST", URL, content=VALID, headers={**bearer_auth(UNKNOWN_KEY), **JSON_TYPE}
         )
         assert unknown.status_code == 401, unknown.text
-        if fast_path:
-            assert served.handed_on_count == handed_on_before, "the fast path did not answer"
+        refused = await served.request(
+            "POST", URL, content=b"[]", headers={**basic_auth(api_key), **JSON_TYPE}
+        )
+        assert refused.status_code == 422, refused.text
         after = await scrape(served.client)
 
     def delta(name: str, **labels: str) -> float:
         return sample(after, name, **labels) - sample(before, name, **labels)
 
     requests = "score_ingest_http_requests_total"
-    for status in ("200", "401"):
+    for status in ("200", "401", "422"):
         assert delta(requests, method="POST", route=SCORES_ROUTE, status=status) == 1, status
         assert delta(requests, method="POST", route="unmatched", status=status) == 0, status
-    assert delta("score_ingest_http_request_seconds_count", route=SCORES_ROUTE) == 2
+    assert delta("score_ingest_http_request_seconds_count", route=SCORES_ROUTE) == 3
     assert delta("score_ingest_scores_accepted_total") == 1
     assert _routes(after) <= _routes(before) | {SCORES_ROUTE, "/metrics"}
 
@@ -641,7 +612,6 @@ class Streamed:
     """A body sent in pieces, chunked (no Content-Length) or with its length declared."""
 
     status: int
-    handed_on: bool
     body: bytes
     declared: bool
     idempotency_key: str | None = None
@@ -650,17 +620,14 @@ class Streamed:
 # Pieces of 5 bytes split the multi-byte characters of "é😀" too.
 UNICODE = _json(score_body(value={"text": "é😀" * 20}))
 STREAMED: dict[str, Streamed] = {
-    "chunked": Streamed(200, False, UNICODE, declared=False),
-    "declared length": Streamed(200, False, UNICODE, declared=True),
-    "chunked, invalid json": Streamed(422, True, UNICODE[:-1], declared=False),
-    "declared length, invalid json": Streamed(422, True, UNICODE[:-1], declared=True),
-    # Handed on because of the Idempotency-Key: FastAPI must get the whole body again.
-    "chunked, idempotency key": Streamed(200, True, UNICODE, declared=False, idempotency_key="k"),
-    "declared length, idempotency key": Streamed(
-        200, True, UNICODE, declared=True, idempotency_key="k"
-    ),
+    "chunked": Streamed(200, UNICODE, declared=False),
+    "declared length": Streamed(200, UNICODE, declared=True),
+    "chunked, invalid json": Streamed(422, UNICODE[:-1], declared=False),
+    "declared length, invalid json": Streamed(422, UNICODE[:-1], declared=True),
+    "chunked, idempotency key": Streamed(200, UNICODE, declared=False, idempotency_key="k"),
+    "declared length, idempotency key": Streamed(200, UNICODE, declared=True, idempotency_key="k"),
     "chunked, over the limit": Streamed(
-        413, False, _json(score_body(value="x" * 1024 * 1024)), declared=False
+        413, _json(score_body(value="x" * 1024 * 1024)), declared=False
     ),
 }
 
@@ -675,28 +642,111 @@ async def test_a_body_in_pieces_is_read_whole(
         headers["Content-Length"] = str(len(case.body))
     if case.idempotency_key is not None:
         headers["Idempotency-Key"] = case.idempotency_key
-    responses = []
-    async with _both(settings) as (fast, routed):
-        for served in (fast, routed):
-            response = await served.client.post(
-                URL, content=_in_pieces(case.body, 5), headers=headers
-            )
-            sent = response.request.headers
-            assert ("content-length" in sent) == case.declared
-            assert ("transfer-encoding" in sent) != case.declared
-            responses.append(response)
-        assert fast.handed_on_count == int(case.handed_on), "handed on, or not, unlike expected"
+    async with _serving(settings) as served:
+        response = await served.request(
+            "POST", URL, content=_in_pieces(case.body, 5), headers=headers
+        )
+    sent = response.request.headers
+    assert ("content-length" in sent) == case.declared
+    assert ("transfer-encoding" in sent) != case.declared
 
-    with_fast_path, without = responses
-    assert with_fast_path.status_code == case.status, with_fast_path.text
-    _assert_same(with_fast_path, without)
+    assert response.status_code == case.status, response.text
+    assert _answer(response) == ANSWERS["streamed"][name]
     scores = await _published_scores(persist_queue)
     if case.status != 200:
         assert scores == []
         return
-    answered = sorted(_only_score_id(response) for response in responses)
-    assert sorted(str(score.score_id) for score in scores) == answered
+    assert [str(score.score_id) for score in scores] == [_only_score_id(response)]
     sent_body = json.loads(case.body)
-    for score in scores:
-        assert score.value == sent_body["value"]
-        assert score.prediction_id == sent_body["prediction_id"]
+    assert scores[0].value == sent_body["value"]
+    assert scores[0].prediction_id == sent_body["prediction_id"]
+
+
+# --- One path, wherever the api is served ----------------------------------------------------
+
+
+async def test_behind_a_path_prefix_a_real_server_creates_and_refuses(
+    settings: Settings, api_key: str, persist_queue: AbstractQueue
+) -> None:
+    """`score-ingest api` with API_ROOT_PATH (uvicorn's root_path), as behind a proxy that
+    serves it under the prefix and strips it."""
+    async with (
+        api_process(settings.model_copy(update={"api_root_path": PREFIX})) as api,
+        httpx.AsyncClient(base_url=api.base_url, timeout=5) as client,
+    ):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while (await client.get("/readyz")).status_code != 200:
+            assert loop.time() < deadline, "the api did not get ready"
+            await asyncio.sleep(0.05)
+        before = await scrape(client)
+        headers = {**basic_auth(api_key), **JSON_TYPE}
+        created_ = await client.post(URL, content=VALID, headers=headers)
+        unknown = await client.post(
+            URL, content=VALID, headers={**bearer_auth(UNKNOWN_KEY), **JSON_TYPE}
+        )
+        refused = await client.post(URL, content=b"[]", headers=headers)
+        batch = await client.post(
+            f"{URL}/batch", content=_json({"scores": [score_body()]}), headers=headers
+        )
+        document = (await client.get("/openapi.json")).json()
+        after = await scrape(client)
+
+    score_id = _only_score_id(created_)
+    for response, name in ((unknown, "unknown key"), (refused, "json array")):
+        recorded = ANSWERS["requests"][name]
+        assert response.status_code == recorded["status"], response.text
+        assert response.content == recorded["body"].encode()
+    assert batch.status_code == 200, batch.text
+    published = [str(score.score_id) for score in await _published_scores(persist_queue)]
+    assert sorted(published) == sorted([score_id, *batch.json()["score_ids"]])
+    requests = "score_ingest_http_requests_total"
+    for status in ("200", "401", "422"):
+        counted = sample(after, requests, method="POST", route=SCORES_ROUTE, status=status)
+        assert (
+            counted - sample(before, requests, method="POST", route=SCORES_ROUTE, status=status)
+            == 1
+        )
+    assert document["servers"] == [{"url": PREFIX}]
+    assert "post" in document["paths"][SCORES_ROUTE]
+
+
+def test_the_writes_are_served_by_write_routes_on_the_apps_own_router() -> None:
+    """Through include_router FastAPI's own matching adds to every write (api/app.py)."""
+    routes = create_app(Settings()).router.routes
+    writes = [route for route in routes if isinstance(route, WriteRoute)]
+    assert [(route.path, route.methods) for route in writes] == [
+        (SCORES_ROUTE, {"POST"}),
+        (f"{SCORES_ROUTE}/batch", {"POST"}),
+    ]
+    assert writes == scores.writes.routes
+
+
+async def _endpoint_with_a_query(
+    scope: ProjectScopeDep, body: ScoreCreateBody, limit: Annotated[int, Query()] = 1
+) -> ScoreCreateRes:
+    raise AssertionError("never called")
+
+
+async def _endpoint_without_a_scope(body: ScoreCreateBody) -> ScoreCreateRes:
+    raise AssertionError("never called")
+
+
+async def _rate_limit() -> None:
+    raise AssertionError("never called")
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "extra"),
+    [
+        (_endpoint_with_a_query, {}),
+        (_endpoint_without_a_scope, {}),
+        (scores.score_create, {"dependencies": [Depends(_rate_limit)]}),
+    ],
+    ids=["a query parameter", "no project scope", "a dependency of the route"],
+)
+def test_a_write_route_refuses_an_endpoint_it_could_not_serve_whole(
+    endpoint: Callable[..., Any], extra: dict[str, Any]
+) -> None:
+    with pytest.raises(TypeError, match="a WriteRoute calls its endpoint with"):
+        WriteRoute(scores.CREATE_PATH, endpoint, methods=["POST"], **extra)

@@ -30,7 +30,6 @@ from tests.support.processes import ApiProcess, api_process
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
 UNKNOWN_KEY = f"si_{'0' * 16}_{'A' * 43}"
 BODY = json.dumps(score_body()).encode()
-FAST_PATH = pytest.mark.parametrize("fast_path", [True, False], ids=["fast path", "routes"])
 # How late a deadline may fire on a loaded test machine and still count as kept.
 SLACK_SECONDS = 2.0
 
@@ -252,11 +251,10 @@ async def test_unfinished_header_lines_do_not_grow_the_api(settings: Settings) -
 # --- Bodies: a deadline --------------------------------------------------------------------
 
 
-@FAST_PATH
 async def test_a_body_that_does_not_arrive_in_time_is_408(
-    settings: Settings, api_key: str, persist_queue: AbstractQueue, fast_path: bool
+    settings: Settings, api_key: str, persist_queue: AbstractQueue
 ) -> None:
-    async with _ready_api(settings, api_fast_path=fast_path, http_body_timeout_seconds=1.0) as api:
+    async with _ready_api(settings, http_body_timeout_seconds=1.0) as api:
         headers = {**basic_auth(api_key), "Content-Type": "application/json"}
         stalled = await RawClient.connect(api)
         trickling = await RawClient.connect(api)
@@ -407,14 +405,12 @@ async def other_entity_key(db: asyncpg.Connection) -> str:
     return key
 
 
-@FAST_PATH
 @pytest.mark.parametrize("path", [URL, f"{URL}/batch"], ids=["single", "batch"])
 async def test_a_write_without_a_valid_key_is_refused_before_its_body(
     settings: Settings,
     api_key: str,
     other_entity_key: str,
     persist_queue: AbstractQueue,
-    fast_path: bool,
     path: str,
 ) -> None:
     refusals = {
@@ -422,7 +418,7 @@ async def test_a_write_without_a_valid_key_is_refused_before_its_body(
         "unknown key": (bearer_auth(UNKNOWN_KEY), 401),
         "key of another entity": (basic_auth(other_entity_key), 403),
     }
-    async with _ready_api(settings, api_fast_path=fast_path) as api:
+    async with _ready_api(settings) as api:
         for name, (auth, status) in refusals.items():
             client = await RawClient.connect(api)
             headers = {**auth, "Content-Type": "application/json", "Transfer-Encoding": "chunked"}
@@ -465,9 +461,8 @@ async def test_a_write_without_a_valid_key_is_refused_before_its_body(
 # --- Paths and charsets ---------------------------------------------------------------------
 
 
-@FAST_PATH
 async def test_a_trailing_slash_is_not_found_not_redirected(
-    settings: Settings, api_key: str, fast_path: bool
+    settings: Settings, api_key: str
 ) -> None:
     headers = {
         **basic_auth(api_key),
@@ -475,7 +470,7 @@ async def test_a_trailing_slash_is_not_found_not_redirected(
         "Host": "attacker.example",
     }
     async with (
-        _ready_api(settings, api_fast_path=fast_path) as api,
+        _ready_api(settings) as api,
         httpx.AsyncClient(base_url=api.base_url, timeout=5) as client,
     ):
         for method, path in (
@@ -495,14 +490,13 @@ NOT_UTF8 = {
 }
 
 
-@FAST_PATH
 async def test_a_name_whose_escapes_are_not_utf8_is_refused(
-    settings: Settings, api_key: str, persist_queue: AbstractQueue, fast_path: bool
+    settings: Settings, api_key: str, persist_queue: AbstractQueue
 ) -> None:
     headers = {**basic_auth(api_key), "Content-Type": "application/json"}
     batch = json.dumps({"scores": [score_body()]}).encode()
     async with (
-        _ready_api(settings, api_fast_path=fast_path) as api,
+        _ready_api(settings) as api,
         httpx.AsyncClient(base_url=api.base_url, timeout=5) as client,
     ):
         # %ff and %fe would both be read as U+FFFD: two paths, one project.
@@ -529,14 +523,13 @@ async def test_a_name_whose_escapes_are_not_utf8_is_refused(
     await _assert_nothing_published(persist_queue)
 
 
-@FAST_PATH
 async def test_a_body_in_another_charset_than_utf8_is_415(
-    settings: Settings, api_key: str, persist_queue: AbstractQueue, fast_path: bool
+    settings: Settings, api_key: str, persist_queue: AbstractQueue
 ) -> None:
     auth = basic_auth(api_key)
     single = json.dumps(score_body(prediction_id="café"), ensure_ascii=False)
     batch = json.dumps({"scores": [score_body(prediction_id="café")]}, ensure_ascii=False)
-    async with serving(settings.model_copy(update={"api_fast_path": fast_path})) as client:
+    async with serving(settings) as client:
         for charset, encoding in (
             ("latin-1", "latin-1"),
             ("ISO-8859-1", "latin-1"),
