@@ -33,7 +33,6 @@ def plot(results: dict[str, Any], output: Path) -> None:
         "bare\nreq/s": http["bare"]["requests_per_s"],
         "naive\nreq/s": http["naive"]["requests_per_s"],
         "score-ingest\nsingle req/s": http["single"]["requests_per_s"],
-        "single, no\nfast path\nreq/s": http["single_without_fast_path"]["requests_per_s"],
         "score-ingest\nbatch scores/s": http["batch"]["scores_per_s"],
         "drain, single-\nscore messages\nscores/s": drain_single,
         f"drain, api's batch\nmessages of {per_message}\nscores/s": drain_batch,

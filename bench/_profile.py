@@ -20,11 +20,10 @@ COMPONENTS: dict[str, tuple[str, ...]] = {
         "api/request_gate.py",
         "api/limits.py",
     ),
-    "fast path (api/fast_path.py): headers, body, response": ("api/fast_path.py",),
     "Starlette/FastAPI routing and handler": ("starlette/routing.py", "fastapi/routing.py"),
     "FastAPI dependency resolution": ("fastapi/dependencies/utils.py",),
     "authentication (deps + key check)": ("api/deps.py", "api/keys.py", "fastapi/security/"),
-    "request body decode + validation (pydantic)": (
+    "write route (api/json_route.py): body decode + validation (pydantic), response": (
         "api/json_route.py",
         "shared/contract.py",
         "pydantic/",

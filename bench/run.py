@@ -42,7 +42,7 @@ import uvloop
 
 import api
 from bench import _backlog, _load, _profile
-from bench._frames import MessageKind, messages_for
+from bench._direct import MessageKind, messages_for
 from bench._plot import plot
 from bench._services import (
     ENTITY,
@@ -306,29 +306,8 @@ async def _score_ingest(run: _Run, single: Path, batch: Path) -> None:
         f"single: {single_result.requests_per_s:,.0f} req/s, p99 {single_result.latency_p99_ms} ms"
     )
 
-    # The same, served by a second api with API_FAST_PATH=false: what the fast path buys.
-    routed_port = free_port()
-    routed_api = run.server(
-        "api-routed", [*score_ingest_command(), "api"],
-        **{**ports, "API_PORT": str(routed_port), "API_FAST_PATH": "false"},
-    )  # fmt: skip
-    routed_base = f"http://127.0.0.1:{routed_port}"
-    await routed_api.wait_ready(routed_base + "/readyz")
-    run.note_load("single_without_fast_path")
-    _say("score-ingest single, API_FAST_PATH=false")
-    routed = await run.wrk(
-        routed_base, f"/v2/{ENTITY}/routed/scores", single, options.connections,
-        {**watch, "api": routed_api.pid},
-    )  # fmt: skip
-    run.group.stop(routed_api)
-    results["http"]["single_without_fast_path"] = routed.to_json()
-    _say(f"single without the fast path: {routed.requests_per_s:,.0f} req/s")
-
     answered = results["answered"]
-    singles = {
-        "single": answered[f"/v2/{ENTITY}/single/scores"],
-        "routed": answered[f"/v2/{ENTITY}/routed/scores"],
-    }
+    singles = {"single": answered[f"/v2/{ENTITY}/single/scores"]}
     await _wait_until_settled(run, singles)
 
     run.note_load("batch")
@@ -688,7 +667,6 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
 def _reported(results: dict[str, Any]) -> list[str]:
     """Measured and printed, but no target."""
     backlog, http = results["backlog"], results["http"]
-    routed = http["single_without_fast_path"]["requests_per_s"]
     drains = [
         f"worker drain, {result['backlog']:,} scores as {result['messages']:,} {form}:"
         f" {result['steady_per_s']:,.0f} scores/s after {result['startup_seconds']:.1f}s of"
@@ -703,9 +681,6 @@ def _reported(results: dict[str, Any]) -> list[str]:
     direct = backlog["drain_batch_direct"]["steady_per_s"]
     batch = http["batch"]["scores_per_s"]
     return [
-        f"single POST with API_FAST_PATH=false: {routed:,.0f} req/s,"
-        f" {routed / http['naive']['requests_per_s']:.2f}x naive,"
-        f" {routed / http['bare']['requests_per_s']:.2f}x bare",
         *drains,
         f"drain of direct publishers' (fully validated) batch messages vs batch"
         f" accept: {direct / batch:.2f}x ({direct:,.0f} vs {batch:,.0f} scores/s)",
