@@ -1,7 +1,7 @@
 """Backlogs: queue many scores while no worker runs, then time a worker draining them.
 
 A backlog is counted in scores; it is queued either as one score.create.v1 message per
-score or as score.batch.v1 messages of several scores each (`bench._frames.MessageKind`),
+score or as score.batch.v1 messages of several scores each (`bench._direct.MessageKind`),
 published straight to the broker (exchange `scores`) as a direct publisher would, or posted
 to the api's batch endpoint, whose messages the api publishes to exchange `scores.api`.
 """
@@ -16,9 +16,9 @@ import aio_pika
 import aiohttp
 import asyncpg
 
-from bench._frames import DEFAULT_BATCH_SCORES, MessageKind, publish_frames
+from bench._direct import DEFAULT_BATCH_SCORES, MessageKind, publish_direct
 from bench._services import BenchError, ServerProcess
-from bench._system import CpuWindow, cpu_seconds, memory_kib
+from bench._system import CpuWindow, cpu_seconds, peak_rss_kib, rss_kib
 from shared.topology import QUEUE
 
 _POLL_SECONDS = 0.25
@@ -76,7 +76,7 @@ async def publish_backlog(
     """Publish count valid scores to exchange `scores` as `kind` messages (batch: of
     batch_size scores each), every message confirmed; timed."""
     started = time.monotonic()
-    messages = await publish_frames(amqp_url, count, project, kind, batch_size)
+    messages = await publish_direct(amqp_url, count, project, kind, batch_size)
     seconds = time.monotonic() - started
     return PublishResult(
         kind=kind,
@@ -229,7 +229,7 @@ async def measure_drain(
                 drained = await _counter(session, metrics_url, _PERSISTED_METRIC)
             except (aiohttp.ClientError, TimeoutError):
                 drained = 0  # not serving yet
-            rss = memory_kib(worker.pid, "VmRSS")
+            rss = rss_kib(worker.pid)
             if rss is None:
                 raise BenchError(f"the worker exited while draining:\n{worker.log_tail()}")
             samples.append((drained, rss))
@@ -247,7 +247,7 @@ async def measure_drain(
     seconds = ended - worker.started_at
     assert first is not None
     steady = (drained - first[1]) / (ended - first[0]) if ended > first[0] else 0.0
-    peak = max(memory_kib(worker.pid, "VmHWM") or 0, *(rss for _, rss in samples))
+    peak = max(peak_rss_kib(worker.pid) or 0, *(rss for _, rss in samples))
     cpu = cpu_seconds(worker.pid) or 0.0
     used = window.finish()
     worker.stop()

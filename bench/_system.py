@@ -1,4 +1,8 @@
-"""What the machine and our processes are doing, read from /proc: memory, CPU, load."""
+"""What the machine and our processes are doing: memory, CPU, load (psutil).
+
+psutil reads /proc for us; the one figure it does not give, a process's peak resident
+memory (the kernel's high-water mark), is read from /proc/<pid>/status here.
+"""
 
 import asyncio
 import contextlib
@@ -7,17 +11,25 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+import psutil
 
 
-def memory_kib(pid: int, field_name: str) -> int | None:
-    """A memory field of /proc/PID/status in KiB (VmRSS, VmHWM); None once the process is gone."""
+def rss_kib(pid: int) -> int | None:
+    """A process's resident memory in KiB; None once it is gone."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss // 1024)
+    except psutil.NoSuchProcess:
+        return None
+
+
+def peak_rss_kib(pid: int) -> int | None:
+    """The most resident memory the process has had (VmHWM), in KiB; None once it is gone."""
     try:
         lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except (FileNotFoundError, ProcessLookupError):
         return None
     for line in lines:
-        if line.startswith(field_name + ":"):
+        if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return None
 
@@ -25,24 +37,21 @@ def memory_kib(pid: int, field_name: str) -> int | None:
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds the process has used; None once it is gone."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
         return None
-    # The command name in parentheses may contain spaces; the fields after it do not.
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return float(times.user + times.system)
 
 
-def machine_cpu_ticks() -> tuple[int, int, int]:
-    """(busy, total, stolen) jiffies of all cores since boot, from /proc/stat.
+def machine_cpu_seconds() -> tuple[float, float, float]:
+    """(busy, total, stolen) CPU seconds of all cores since boot.
 
     Stolen time is what the hypervisor gave to other machines: not busy here, not ours.
     """
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    steal = values[7]
-    total = sum(values[:8])  # guest time is already counted in user
-    return total - idle - steal, total, steal
+    times = psutil.cpu_times()
+    idle = times.idle + times.iowait
+    total = sum(times) - times.guest - times.guest_nice  # guest time is counted in user
+    return total - idle - times.steal, total, times.steal
 
 
 def load_average() -> tuple[float, float, float]:
@@ -53,32 +62,21 @@ def load_average() -> tuple[float, float, float]:
 _POSTGRES = "postgres"
 
 
-def _all_processes() -> dict[int, tuple[str, int, float]]:
-    """Every process: its command name, its parent and the CPU seconds it has used."""
+def _all_processes() -> dict[int, tuple[str, float]]:
+    """Every process: its command name and the CPU seconds it has used."""
     found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        name, _, rest = stat.partition(" (")[2].rpartition(")")
-        fields = rest.split()
-        seconds = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
-        found[int(entry.name)] = (name, int(fields[1]), seconds)
+    for process in psutil.process_iter(["name", "cpu_times"]):
+        times = process.info["cpu_times"]
+        if times is not None:  # gone, or not ours to read
+            found[process.pid] = (process.info["name"], times.user + times.system)
     return found
 
 
-def _family(root: int, processes: dict[int, tuple[str, int, float]]) -> set[int]:
+def _family(root: int) -> set[int]:
+    """A process and all its descendants."""
     family = {root}
-    grew = True
-    while grew:
-        grew = False
-        for pid, (_, parent, _) in processes.items():
-            if parent in family and pid not in family:
-                family.add(pid)
-                grew = True
+    with contextlib.suppress(psutil.NoSuchProcess):
+        family.update(child.pid for child in psutil.Process(root).children(recursive=True))
     return family
 
 
@@ -94,13 +92,13 @@ class CpuWindow:
     pids: dict[str, int]
     _start_wall: float = 0.0
     _start_cpu: dict[str, float] = field(default_factory=dict)
-    _start_machine: tuple[int, int, int] = (0, 0, 0)
-    _start_all: dict[int, tuple[str, int, float]] = field(default_factory=dict)
+    _start_machine: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    _start_all: dict[int, tuple[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._start_wall = time.monotonic()
         self._start_cpu = {name: cpu_seconds(pid) or 0.0 for name, pid in self.pids.items()}
-        self._start_machine = machine_cpu_ticks()
+        self._start_machine = machine_cpu_seconds()
         self._start_all = _all_processes()
 
     def finish(self) -> dict[str, float]:
@@ -112,16 +110,16 @@ class CpuWindow:
             now = cpu_seconds(pid)
             if now is not None:
                 result[name] = round(100 * (now - self._start_cpu[name]) / wall, 1)
-        busy, total, steal = machine_cpu_ticks()
+        busy, total, steal = machine_cpu_seconds()
         elapsed = total - self._start_machine[1]
         if elapsed > 0:
             result["machine"] = round(100 * (busy - self._start_machine[0]) / elapsed, 1)
             result["stolen"] = round(100 * (steal - self._start_machine[2]) / elapsed, 1)
         current = _all_processes()
-        ours = _family(os.getpid(), current) | set(self.pids.values())
+        ours = _family(os.getpid()) | set(self.pids.values())
         postgres = others = 0.0
-        for pid, (name, _, seconds) in current.items():
-            before = self._start_all.get(pid, (name, 0, 0.0))[2]
+        for pid, (name, seconds) in current.items():
+            before = self._start_all.get(pid, (name, 0.0))[1]
             used = seconds - before if seconds >= before else seconds  # else a reused pid
             if name == _POSTGRES:
                 postgres += used
@@ -148,7 +146,7 @@ class RssSampler:
 
     async def _sample(self) -> None:
         while True:
-            rss = memory_kib(self.pid, "VmRSS")
+            rss = rss_kib(self.pid)
             if rss is None:
                 return
             self.samples.append((time.monotonic() - self._started, rss))
@@ -163,6 +161,6 @@ class RssSampler:
 
     def peak_kib(self) -> int:
         """The highest resident set seen: the kernel's high-water mark while the process lives."""
-        hwm = memory_kib(self.pid, "VmHWM")
+        hwm = peak_rss_kib(self.pid)
         sampled = max((rss for _, rss in self.samples), default=0)
         return max(hwm or 0, sampled)

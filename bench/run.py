@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import psutil
 import uvloop
 
 import api
@@ -56,7 +57,7 @@ from bench._services import (
     score_ingest_command,
     tool,
 )
-from bench._system import CpuWindow, RssSampler, load_average, memory_kib
+from bench._system import CpuWindow, RssSampler, load_average, peak_rss_kib
 from shared.contract import BATCH_MESSAGE_TYPE
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -140,14 +141,11 @@ def _machine() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu_model = line.split(":", 1)[1].strip()
                 break
-    memory_kib = 0
-    with contextlib.suppress(OSError):
-        memory_kib = int(Path("/proc/meminfo").read_text().split()[1])
     packages = ("fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic", "aio-pika")
     return {
         "cpus": len(os.sched_getaffinity(0)),
         "cpu_model": cpu_model,
-        "memory_gib": round(memory_kib / 1024 / 1024, 1),
+        "memory_gib": round(psutil.virtual_memory().total / 1024**3, 1),
         "kernel": platform.release(),
         "python": platform.python_version(),
         "packages": {name: metadata.version(name) for name in packages},
@@ -228,7 +226,7 @@ async def _comparison(run: _Run, name: str, body: Path) -> dict[str, Any]:
     result = await run.wrk(
         base, f"/v2/{ENTITY}/{name}/scores", body, run.options.connections, {"server": server.pid}
     )
-    peak = memory_kib(server.pid, "VmHWM")
+    peak = peak_rss_kib(server.pid)
     run.group.stop(server)
     _say(f"{name}: {result.requests_per_s:,.0f} req/s, p99 {result.latency_p99_ms:.1f} ms")
     return {**result.to_json(), "server_peak_rss_kib": peak}
