@@ -1,12 +1,30 @@
 """Fixtures on real PostgreSQL and RabbitMQ: a database and a vhost per test session.
 
-Queues and tables are emptied before every test, so tests may assume a clean slate.
+Queues and tables are emptied before every test, so tests may assume a clean slate. Under
+pytest-xdist every worker is a session of its own, with its own database and vhost.
+
+Every test gets one of three markers here, from what it uses, so that a new test is marked
+without anyone thinking of it:
+
+- fault: it cuts a connection (TcpProxy), boots a broker node of its own (rabbitmq_node),
+  or lives in a module of faults and hostile runs (FAULT_MODULES); these run one at a time.
+- integration: it needs PostgreSQL or RabbitMQ (a fixture it uses needs one of them).
+- unit: neither. A run that selects only unit tests refuses the services: their fixtures
+  fail and connections to their ports are refused, so a unit test that needs one fails.
+
+A marker written on a test by hand wins.
 """
 
 import asyncio
 import base64
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import inspect
+import os
+import socket
+import types
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+from urllib.parse import urlsplit
 
 import aio_pika
 import asyncpg
@@ -25,9 +43,110 @@ from worker.worker import ScoreWorker
 ENTITY = "acme"
 PROJECT = "evals"
 
+KINDS = ("unit", "integration", "fault")
+# The fixtures every PostgreSQL or RabbitMQ fixture depends on.
+SERVICE_FIXTURES = frozenset({"postgres_server_url", "vhosts"})
+FAULT_MODULES = frozenset(
+    {"tests/test_faults_under_load.py", "tests/test_hostile_run.py", "tests/worker/test_faults.py"}
+)
+# Names that, used in a test or in one of its fixtures, make it a fault test.
+FAULT_NAMES = frozenset({"TcpProxy", "rabbitmq_node"})
+SERVICE_URL_VARIABLES = ("TEST_DATABASE_URL", "TEST_AMQP_URL", "DATABASE_URL", "AMQP_URL")
+SERVICE_PORTS = frozenset({5432, 5672})
+UNIT_ONLY = pytest.StashKey[bool]()
+
+
+def _names_used(function: Callable[..., Any]) -> set[str]:
+    """Every global or attribute name the function's code (nested functions too) refers to."""
+    found: set[str] = set()
+    codes = [inspect.unwrap(function).__code__]
+    while codes:
+        code = codes.pop()
+        found.update(code.co_names)
+        codes.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+    return found
+
+
+def _kind(item: pytest.Function) -> str:
+    module = item.nodeid.split("::", 1)[0]
+    functions = [item.function] + [
+        definition.func
+        for definitions in item._fixtureinfo.name2fixturedefs.values()
+        for definition in definitions
+    ]
+    if module in FAULT_MODULES or any(FAULT_NAMES & _names_used(f) for f in functions):
+        return "fault"
+    if SERVICE_FIXTURES & set(item.fixturenames):
+        return "integration"
+    return "unit"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test unit, integration or fault (before `-m` selects by the markers)."""
+    for item in items:
+        if isinstance(item, pytest.Function) and not any(
+            item.get_closest_marker(kind) for kind in KINDS
+        ):
+            item.add_marker(_kind(item))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Note whether this run selected only unit tests: then the services are off limits."""
+    session.config.stash[UNIT_ONLY] = bool(session.items) and all(
+        item.get_closest_marker("unit") for item in session.items
+    )
+
+
+def _refuse_services_in_a_unit_run(config: pytest.Config, service: str) -> None:
+    if config.stash.get(UNIT_ONLY, False):
+        pytest.fail(
+            f"a test of a unit-only run asked for {service}: it is an integration test, "
+            "so use a service fixture (settings, db, ...) statically or mark it integration",
+            pytrace=False,
+        )
+
+
+def _service_ports() -> set[int]:
+    ports = set(SERVICE_PORTS)
+    for variable in SERVICE_URL_VARIABLES:
+        with contextlib.suppress(ValueError):
+            if (port := urlsplit(os.environ.get(variable, "")).port) is not None:
+                ports.add(port)
+    return ports
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_service_connections_in_a_unit_run(request: pytest.FixtureRequest) -> Iterator[None]:
+    """In a unit-only run, refuse TCP connections to PostgreSQL's and RabbitMQ's ports."""
+    if not request.config.stash.get(UNIT_ONLY, False):
+        yield
+        return
+    ports = _service_ports()
+    real_connect = socket.socket.connect
+    real_connect_ex = socket.socket.connect_ex
+
+    def refused(address: Any) -> bool:
+        return isinstance(address, tuple) and len(address) >= 2 and address[1] in ports
+
+    def connect(sock: socket.socket, address: Any) -> None:
+        if refused(address):
+            raise ConnectionRefusedError(f"a unit test may not connect to a service: {address}")
+        real_connect(sock, address)
+
+    def connect_ex(sock: socket.socket, address: Any) -> int:
+        if refused(address):
+            raise ConnectionRefusedError(f"a unit test may not connect to a service: {address}")
+        return real_connect_ex(sock, address)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket.socket, "connect", connect)
+        patch.setattr(socket.socket, "connect_ex", connect_ex)
+        yield
+
 
 @pytest.fixture(scope="session")
-def postgres_server_url() -> Iterator[str]:
+def postgres_server_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    _refuse_services_in_a_unit_run(request.config, "PostgreSQL")
     with postgres_server() as url:
         yield url
 
@@ -41,7 +160,8 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def vhosts() -> Iterator[VhostFactory | str]:
+def vhosts(request: pytest.FixtureRequest) -> Iterator[VhostFactory | str]:
+    _refuse_services_in_a_unit_run(request.config, "RabbitMQ")
     with rabbitmq_vhosts() as found:
         yield found
 
