@@ -72,7 +72,8 @@ def running_service(settings: Settings) -> Iterator[tuple[subprocess.Popen[str],
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "cli", "run"],
-        env=_env(settings, API_PORT=str(port)),
+        # The worker's health port too: a fixed default would clash with another test run's.
+        env=_env(settings, API_PORT=str(port), WORKER_HEALTH_PORT="0"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -121,6 +122,7 @@ async def test_run_serves_stores_and_stops_cleanly(
     assert process.returncode == 0, output
 
 
+@pytest.mark.fault
 def test_run_takes_its_api_and_worker_down_when_it_is_killed(
     running_service: tuple[subprocess.Popen[str], int],
 ) -> None:

@@ -687,6 +687,7 @@ async def test_replayed_messages_that_are_still_invalid_return_to_dead_letters(
         assert letter.headers["x-replay-count"] == 1
 
 
+@pytest.mark.fault
 async def test_a_replay_killed_midway_loses_nothing(
     settings: Settings, db: asyncpg.Connection, worker: ScoreWorker
 ) -> None:
