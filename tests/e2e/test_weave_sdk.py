@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 import asyncpg
 import httpx
 import pytest
+from weave.telemetry import trace_sentry
 from weave.trace_server_bindings.remote_http_trace_server import RemoteHTTPTraceServer
 from weave.vendor.weave_server_sdk import NotFoundError
 
@@ -47,6 +48,11 @@ async def _wait_accepting(api: ApiProcess, api_key: str) -> None:
             if loop.time() > deadline:
                 raise api.process.failure("never accepted a score")
             await asyncio.sleep(0.1)
+
+
+def test_the_sdk_sends_no_error_reports() -> None:
+    # tests/e2e/conftest.py turns reporting off; with it on, the SDK has a Sentry scope.
+    assert trace_sentry.global_trace_sentry.scope is None
 
 
 async def test_create_read_list_and_delete_through_the_weave_sdk(
