@@ -41,8 +41,7 @@ PREFETCH = Gauge(
 )
 MESSAGES_DECODED = Counter(
     "score_ingest_messages_decoded_total",
-    "Messages decoded, by how: `api_exchange` (through scores.api, parsed only) or "
-    "`validation`",
+    "Messages decoded, by how: `api_exchange` (through scores.api, parsed only) or `validation`",
     ["check"],
 )
 DEAD_LETTER_FALLBACKS = Counter(
