@@ -26,6 +26,7 @@ from shared.settings import MIB, Settings
 from shared.topology import DEAD_LETTER_QUEUE, EXCHANGE, ROUTING_KEY
 from tests.conftest import ENTITY, basic_auth, score_body
 from tests.support.load import LoadGenerator, assert_stored_exactly_once
+from tests.support.memory import rss_bytes
 from tests.support.messages import to_amqp_message
 from tests.support.processes import (
     CliProcess,
@@ -42,14 +43,6 @@ API_RSS_LIMIT_BYTES = 200 * 1000 * 1000
 WORKER_RSS_MARGIN_BYTES = 100 * 1000 * 1000
 PROMPT_SECONDS = 1.0
 ATTACK_SECONDS = 12.0
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process, from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 class PeakMemory:

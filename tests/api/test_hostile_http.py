@@ -13,7 +13,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ from aio_pika.abc import AbstractQueue
 from api.keys import create_key
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, score_body, serving
+from tests.support.memory import rss_bytes
 from tests.support.processes import ApiProcess, api_process
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
@@ -104,13 +104,6 @@ def _request(
 
 def _chunk(data: bytes) -> bytes:
     return f"{len(data):x}\r\n".encode() + data + b"\r\n"
-
-
-def _rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for {pid}")
 
 
 @contextlib.asynccontextmanager
@@ -210,14 +203,14 @@ async def test_unfinished_header_lines_do_not_grow_the_api(settings: Settings) -
     """30 clients each send a 10 MB header line that never ends: each is cut off after the
     header limit, and the api's memory stays where it was."""
     async with _ready_api(settings) as api:
-        before = _rss_bytes(api.process.pid)
+        before = rss_bytes(api.process.pid)
         peak = before
         sampling = True
 
         async def sample() -> None:
             nonlocal peak
             while sampling:
-                peak = max(peak, _rss_bytes(api.process.pid))
+                peak = max(peak, rss_bytes(api.process.pid))
                 await asyncio.sleep(0.01)
 
         async def flood() -> bool:

@@ -8,7 +8,6 @@ memory grows by about the budget, not by the window's worth of large messages.
 
 import asyncio
 import json
-from pathlib import Path
 
 import asyncpg
 
@@ -16,6 +15,7 @@ from shared.contract import MAX_VALUE_BYTES
 from shared.settings import MIB, Settings
 from shared.topology import QUEUE
 from tests.conftest import wait_for_count
+from tests.support.memory import rss_bytes
 from tests.support.processes import connect_broker, score_message, worker_process
 from tests.support.tcp_proxy import TcpProxy
 from tests.worker.test_batch_messages import as_json, batch_message
@@ -29,14 +29,6 @@ SCORES_PER_LARGE = 3
 # the socket's buffers, and what the allocator keeps after decoding. Taking every large
 # message in, as the worker did before its byte gate, grows it by about 47 MiB here.
 MARGIN = 16 * MIB
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 def large_message(label: str) -> tuple[list[str], bytes]:
