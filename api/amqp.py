@@ -61,9 +61,8 @@ _DEFAULT_PORTS: Final = {"amqp": 5672, "amqps": 5671}
 _MAX_HEARTBEAT: Final = 65535  # a short in connection.tune-ok
 
 # Property flags of the content header, in the order their values are encoded.
-_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _MESSAGE_ID, _TIMESTAMP, _TYPE, _APP_ID = (
+_CONTENT_TYPE, _DELIVERY_MODE, _MESSAGE_ID, _TIMESTAMP, _TYPE, _APP_ID = (
     1 << 15,
-    1 << 13,
     1 << 12,
     1 << 7,
     1 << 6,
@@ -175,32 +174,15 @@ def _shortstr(value: str) -> bytes:
     return bytes((len(encoded),)) + encoded
 
 
-def _headers_table(headers: dict[str, str]) -> bytes:
-    """An AMQP field table of string values: each a short-string name, `S`, a long string."""
-    fields = b"".join(
-        _shortstr(name) + b"S" + struct.pack(">I", len(encoded)) + encoded
-        for name, value in headers.items()
-        for encoded in (value.encode(),)
-    )
-    return struct.pack(">I", len(fields)) + fields
-
-
 def encode_header(
-    body_size: int,
-    properties: MessageProperties,
-    message_id: str,
-    timestamp: datetime,
-    headers: dict[str, str] | None = None,
+    body_size: int, properties: MessageProperties, message_id: str, timestamp: datetime
 ) -> bytes:
     """The payload of a content header frame: class, weight, body size, flags, properties."""
     flags = _CONTENT_TYPE | _DELIVERY_MODE | _MESSAGE_ID | _TIMESTAMP | _TYPE | _APP_ID
-    if headers:
-        flags |= _HEADERS
     return b"".join(
         (
             struct.pack(">HHQH", _BASIC_CLASS, 0, body_size, flags),
             _shortstr(properties.content_type),
-            _headers_table(headers) if headers else b"",
             b"\x02",  # delivery mode 2: persistent
             _shortstr(message_id),
             struct.pack(">Q", int(timestamp.timestamp())),
@@ -370,10 +352,9 @@ class ConfirmingPublisher(asyncio.Protocol):
         *,
         message_id: str,
         timestamp: datetime,
-        headers: dict[str, str] | None = None,
     ) -> asyncio.Future[None]:
         """Send a persistent, mandatory message; the future completes on its confirm."""
-        header = encode_header(len(body), properties, message_id, timestamp, headers)
+        header = encode_header(len(body), properties, message_id, timestamp)
         return self.publish_raw(exchange, routing_key, header, body, message_id=message_id)
 
     def publish_raw(
