@@ -57,6 +57,11 @@ from tests.support.tcp_proxy import TcpProxy
 # A refusal needs no broker round trip once the API knows the broker is gone.
 PROMPT_SECONDS = 1.0
 COUNT_SCORES = "SELECT count(*) FROM scores"
+COUNT_OTHER_SESSIONS = """
+SELECT count(*) FROM pg_stat_activity
+WHERE datname = current_database() AND backend_type = 'client backend'
+AND pid <> pg_backend_pid()
+"""
 COUNT_LOCK_WAITERS = (
     "SELECT count(*) FROM pg_locks WHERE relation = 'scores'::regclass AND NOT granted"
 )
@@ -82,6 +87,16 @@ async def count_rows(db: asyncpg.Connection) -> int:
     """Rows in scores right now."""
     count: int = await db.fetchval(COUNT_SCORES)
     return count
+
+
+async def wait_for_proxied_sessions_to_end(db: asyncpg.Connection) -> None:
+    """Wait until no session but ours is left on the database (the others came through a proxy
+    that was cut, and a session ends only after the statement it was running)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + PROGRESS_SECONDS
+    while (others := await db.fetchval(COUNT_OTHER_SESSIONS)) > 0:
+        assert loop.time() < deadline, f"{others} sessions outlived the cut"
+        await asyncio.sleep(0.02)
 
 
 async def wait_for_rows(db: asyncpg.Connection, at_least: int) -> None:
@@ -173,8 +188,8 @@ async def test_postgres_cut_under_load_keeps_the_api_accepting_and_the_worker_ca
             await wait_for_rows(db, at_least=100)
             await proxy.cut()
             cut_at = loop.time()
-            # The cut aborts connections; let a commit that raced it land before counting.
-            await asyncio.sleep(0.5)
+            # The cut aborts connections; a commit that raced it lands before its session ends.
+            await wait_for_proxied_sessions_to_end(db)
             rows_at_cut = await count_rows(db)
             await asyncio.sleep(3.5)
             assert await count_rows(db) == rows_at_cut, "stored while PostgreSQL was cut off"
@@ -321,7 +336,9 @@ async def test_garbage_from_a_direct_publisher_under_load_is_dead_lettered_with_
                     good.append(score)
                     batch += [to_amqp_message(score), garbage.message(round_)]
                 await broker.publish(batch)
-                await asyncio.sleep(0.3)
+                # The next round once the api has taken a share of the load: garbage and good
+                # scores keep reaching the worker together.
+                await load.wait_for_accepted(50, since=asyncio.get_running_loop().time())
             await load.wait_for_accepted(200)
         expected = load.accepted_ids() + [str(score.score_id) for score in good]
         await assert_stored_exactly_once(db, expected)

@@ -27,6 +27,7 @@ from tests.support.processes import (
     worker_process,
 )
 from tests.support.tcp_proxy import TcpProxy
+from tests.worker.test_health_and_metrics import wait_for_status
 
 COUNT_SCORES = "SELECT count(*) FROM scores"
 COUNT_LOCK_WAITERS = """
@@ -243,6 +244,6 @@ async def test_a_worker_told_to_stop_while_the_broker_is_unreachable_still_exits
     # turns a worker that never stops into a failure too, not a hang.
     async with asyncio.timeout(30), TcpProxy.for_url(settings.amqp_url) as proxy:
         proxied = settings.model_copy(update={"amqp_url": proxy.url_through(settings.amqp_url)})
-        async with running_worker(proxied):
+        async with running_worker(proxied) as worker:
             await proxy.cut()  # and never restored: the robust connection keeps retrying
-            await asyncio.sleep(0.5)
+            await wait_for_status(worker, "/readyz", 503, timeout=10)
