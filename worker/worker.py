@@ -29,7 +29,6 @@ from shared.dead_letters import (
 )
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE, ROUTING_KEY, declare_topology
-from worker._consumer import Consumer, Delivery, held_size
 from worker._health import HealthServer
 from worker._metrics import (
     BATCH_SIZE,
@@ -43,6 +42,7 @@ from worker._metrics import (
     QUEUE_DEPTH,
     SCORES_PERSISTED,
 )
+from worker.consumer import Consumer, Delivery, held_size
 from worker.decode import PoisonMessage, ScoreRow, decode_scores
 from worker.store import ScoreStore, StorageRejected
 
@@ -57,7 +57,7 @@ _STORES_IN_FLIGHT = 2
 _FIRST_PREFETCH = 64
 # The window is fitted so that a full one takes a quarter of the byte budget: with the
 # hysteresis of _fit_prefetch at most half. The rest absorbs messages larger than the
-# recent ones before the byte gate (worker/_consumer.py) has to hold the broker back.
+# recent ones before the byte gate (worker/consumer.py) has to hold the broker back.
 _WINDOW_SHARE_OF_BUDGET = 4
 _CLOSE_SECONDS = 2
 
@@ -78,7 +78,7 @@ class ScoreWorker:
         self._inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
         self._stopping = False
         # Declares the topology, publishes dead letters and polls queue depths; consuming
-        # has a connection of its own (worker/_consumer.py).
+        # has a connection of its own (worker/consumer.py).
         self._connection: AbstractRobustConnection | None = None
         self._consumer = Consumer(settings, QUEUE, self._inbox.put_nowait)
         self._pool: asyncpg.Pool | None = None

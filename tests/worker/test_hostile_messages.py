@@ -275,7 +275,7 @@ async def test_a_delivery_mode_no_client_reads_never_reaches_the_worker(
     pamqp itself refuses to build such properties: the one property seen to make aio-pika's
     IncomingMessage raise cannot reach a consumer. Should another one, the consumer hands the
     delivery on with its unreadable properties left out, to be dead-lettered as
-    `invalid_properties` (worker/_consumer.py)."""
+    `invalid_properties` (worker/consumer.py)."""
     with pytest.raises(AssertionError, match="delivery_mode"):
         await publish_raw(
             settings.amqp_url, EXCHANGE, ROUTING_KEY, [raw_message(b"{}", delivery_mode=3)]
