@@ -98,16 +98,23 @@ class ScorePublisher:
 
     async def _connect(self) -> ConfirmingPublisher:
         settings = self._settings
-        # The topology is declared on each (re)connect, through a short aio-pika connection:
-        # declaring is rare, and it keeps one definition of the topology for every process.
-        await declare_topology_once(settings, settings.publish_timeout_seconds)
-        return await ConfirmingPublisher.connect(
+        # Connected first, so that a broker that cannot be reached, trusted or logged in to
+        # is reported by our client, which says why.
+        connection = await ConfirmingPublisher.connect(
             settings.amqp_url,
             connection_name="score-ingest-api",
             connect_timeout=settings.publish_timeout_seconds,
             publish_timeout=settings.publish_timeout_seconds,
             tls=self._tls,
         )
+        # The topology is declared on each (re)connect, through a short aio-pika connection:
+        # declaring is rare, and it keeps one definition of the topology for every process.
+        try:
+            await declare_topology_once(settings, settings.publish_timeout_seconds)
+        except BaseException:
+            connection.abort()
+            raise
+        return connection
 
     async def publish_scores(self, messages: Sequence[MessageFields]) -> None:
         """Publish scores and wait for the broker's confirm; raises BrokerUnavailable.

@@ -142,6 +142,24 @@ async def test_a_broker_certificate_the_client_does_not_trust_is_refused_clearly
     assert "AMQP_CA_FILE must hold the CA that signed it" in message
 
 
+async def test_the_api_says_why_it_cannot_trust_the_broker_and_is_not_ready(
+    settings: Settings, tls_node: RabbitMQNode, pki: Pki
+) -> None:
+    wrong_ca = Settings(
+        **{
+            **settings.model_dump(),
+            "amqp_url": tls_node.amqps_url,
+            "amqp_ca_file": pki.impostor.cert_file,
+        }
+    )
+    async with api_process(wrong_ca) as api, httpx.AsyncClient(base_url=api.base_url) as client:
+        await api.process.wait_for_output(
+            f"the TLS certificate of the broker at 127.0.0.1:{tls_node.amqps_port} is not trusted"
+            " (self-signed certificate in certificate chain): AMQP_CA_FILE must hold the CA"
+        )
+        assert (await client.get("/readyz")).status_code == 503
+
+
 async def test_a_client_certificate_of_a_ca_the_broker_does_not_trust_is_refused(
     tls_node: RabbitMQNode, pki: Pki
 ) -> None:
