@@ -13,6 +13,9 @@ aio-pika's robust `queue.consume` is not used here, for three reasons:
   `WORKER_PREFETCH_BYTES` beside those held: aiormq's frame queues fill, the socket is no
   longer read and TCP holds the broker back. That blocks every channel of the
   connection, so nothing else (dead letters and their confirms, queue polls) uses it.
+  The gate keeps the bound; the prefetch count, fitted to the size of recent messages
+  (`fit_window`), keeps what the broker hands this worker small, so that it rarely has to
+  be held back and the rest of a backlog stays in the queue for other workers.
 - After an unexplained loss of the connection the worker must not take its full window
   again: if one message killed the connection, it would spend a delivery of every
   message delivered with it, each time. The consumer takes one message at a time until
@@ -23,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, Final
 
@@ -56,6 +59,13 @@ log = logging.getLogger(__name__)
 # copies (with cli.main's fixed mmap threshold); fewer copies let the budget be overrun.
 _COPIES_HELD: Final = 4
 _OVERHEAD_BYTES: Final = 1024
+# Until the first delivery shows how big messages are: a full WORKER_PREFETCH of batch
+# messages could be hundreds of megabytes.
+_FIRST_WINDOW: Final = 64
+# A window is fitted so that a full one takes a quarter of the byte budget: with the
+# hysteresis of fit_window at most half. The rest absorbs messages larger than the recent
+# ones before the byte gate has to hold the broker back.
+_WINDOW_SHARE_OF_BUDGET: Final = 4
 # The broker's own Connection.Close on shutdown (and `rabbitmqctl close_connection`):
 # the connection was taken away, no message of ours was to blame.
 _CONNECTION_FORCED: Final = 320
@@ -147,7 +157,8 @@ class Consumer:
         self._queue = queue
         self._deliver = deliver
         self._budget = settings.worker_prefetch_bytes
-        self._wanted = settings.worker_prefetch
+        self._wanted = min(settings.worker_prefetch, _FIRST_WINDOW)
+        self._fitted = False
         self._subscription: _Subscription | None = None
         self._subscriptions: set[_Subscription] = set()
         self._held_bytes = 0
@@ -169,8 +180,8 @@ class Consumer:
 
     @property
     def window(self) -> int:
-        """The prefetch count in force (1 while isolating a culprit)."""
-        return self._subscription.window if self._subscription else 1
+        """The prefetch count asked of the broker (1 while isolating a culprit)."""
+        return 1 if self._cautious_remaining else self._wanted
 
     @property
     def cautious(self) -> bool:
@@ -197,10 +208,22 @@ class Consumer:
         """Return once consuming."""
         await self._connected.wait()
 
-    def fit(self, wanted: int) -> None:
-        """Ask for a prefetch count; applied by the consumer's own task (a new consumer)."""
-        wanted = max(1, min(self._settings.worker_prefetch, wanted))
-        if wanted != self._wanted:
+    def fit_window(self, recent: Sequence[AbstractIncomingMessage]) -> None:
+        """Fit the prefetch count to the size of recent messages, between 2 and WORKER_PREFETCH.
+
+        AMQP's prefetch counts messages, and a score.batch.v1 message can be a thousand times
+        the size of a single score, so the count follows the size of recent messages, for a
+        window of a quarter of WORKER_PREFETCH_BYTES. It changes only when it would halve or
+        double (or reach WORKER_PREFETCH): each change costs a new consumer. The consumer's
+        own task applies it.
+        """
+        if not recent:
+            return
+        mean_size = sum(held_size(len(message.body)) for message in recent) / len(recent)
+        most = self._settings.worker_prefetch
+        wanted = max(2, min(most, int(self._budget // _WINDOW_SHARE_OF_BUDGET // mean_size)))
+        current = self._wanted
+        if wanted * 2 <= current or wanted >= current * 2 or (wanted == most != current):
             self._wanted = wanted
             self._changed.set()
 
@@ -357,14 +380,11 @@ class Consumer:
         """
         self._gate(subscription)
         async with asyncio.timeout(self._settings.publish_timeout_seconds):
-            await self._consume(subscription, self._target_window())
+            await self._consume(subscription, self.window)
         self._subscription = subscription
         self._subscriptions.add(subscription)
         self._connected.set()
         log.info("consuming %s with a window of %d", self._queue, subscription.window)
-
-    def _target_window(self) -> int:
-        return 1 if self._cautious_remaining else self._wanted
 
     async def _consume(self, subscription: _Subscription, window: int) -> None:
         """Start a consumer with this window (a prefetch count applies to consumers started
@@ -410,7 +430,7 @@ class Consumer:
                 ):
                     self._end_caution("the queue has nothing more to deliver")
                     self._changed.clear()
-                window = self._target_window()
+                window = self.window
                 if window != subscription.window and not self._stopping:
                     # Bounded: an answer that never comes means the connection is gone.
                     async with asyncio.timeout(self._settings.publish_timeout_seconds):
@@ -503,6 +523,11 @@ class Consumer:
         elif self._cautious_remaining:
             # Past every message returned to the queue: none of them is left to isolate.
             self._end_caution("a message never delivered before arrived")
+        if not self._fitted:
+            # The first message shows how big messages are: fit the window now, not after
+            # a first batch taken through the small starting window.
+            self._fitted = True
+            self.fit_window([message])
         self._deliver(message)
 
 

@@ -42,7 +42,7 @@ from worker._metrics import (
     QUEUE_DEPTH,
     SCORES_PERSISTED,
 )
-from worker.consumer import Consumer, Delivery, held_size
+from worker.consumer import Consumer, Delivery
 from worker.decode import PoisonMessage, ScoreRow, decode_scores
 from worker.store import ScoreStore, StorageRejected
 
@@ -54,11 +54,6 @@ _PURGE_INTERVAL_SECONDS = 600
 _QUEUE_DEPTH_INTERVAL_SECONDS = 5
 _YIELD_EVERY_SCORES = 250
 _STORES_IN_FLIGHT = 2
-_FIRST_PREFETCH = 64
-# The window is fitted so that a full one takes a quarter of the byte budget: with the
-# hysteresis of _fit_prefetch at most half. The rest absorbs messages larger than the
-# recent ones before the byte gate (worker/consumer.py) has to hold the broker back.
-_WINDOW_SHARE_OF_BUDGET = 4
 _CLOSE_SECONDS = 2
 
 
@@ -89,8 +84,6 @@ class ScoreWorker:
             settings.worker_health_host, settings.worker_health_port, self._is_ready
         )
         self._consuming: asyncio.Task[None] | None = None
-        self._wanted_window = min(settings.worker_prefetch, _FIRST_PREFETCH)
-        self._fitted = False
         self.persisted = 0
         self.duplicates = 0
 
@@ -117,7 +110,7 @@ class ScoreWorker:
             ]
             while not self._stopping:
                 batch = await self._collect_batch()
-                await self._fit_prefetch(batch)
+                self._consumer.fit_window([message for message, _ in batch])
                 # Up to _STORES_IN_FLIGHT batches are stored at once, in transactions of their
                 # own, while the next is collected and decoded: PostgreSQL works on other
                 # cores. Each batch is acked only after the one before, in delivery order.
@@ -210,9 +203,6 @@ class ScoreWorker:
             topology.dead_letter_exchange.name
         )
         await self._health.start()
-        # A small first window: until the first batch shows how big messages are, a full
-        # WORKER_PREFETCH of batch messages could be hundreds of megabytes.
-        self._consumer.fit(self._wanted_window)
         self._consuming = asyncio.create_task(self._consumer.run())
         await self._consumer.wait_connected()
         log.info("worker consuming %s", QUEUE, extra={"health_port": self._health.port})
@@ -226,17 +216,11 @@ class ScoreWorker:
             return []
         batch = [self._decode(first)]
         scores = _count(batch[0])
-        if not self._fitted:
-            # The first message shows how big messages are: size the window now, not after
-            # a first batch taken through the small starting window.
-            self._fitted = True
-            await self._fit_prefetch(batch)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.worker_flush_interval_seconds
         # At most a quarter of the prefetch window in messages, so that the broker keeps
         # sending while a batch is stored (one message while isolating a culprit).
-        window = 1 if self._consumer.cautious else self._wanted_window
-        most_messages = max(1, window // 4)
+        most_messages = max(1, self._consumer.window // 4)
         next_yield = _YIELD_EVERY_SCORES
         while scores < self._settings.worker_batch_size and len(batch) < most_messages:
             if self._inbox.empty():
@@ -259,28 +243,6 @@ class ScoreWorker:
                 next_yield = scores + _YIELD_EVERY_SCORES
                 await asyncio.sleep(0)
         return batch
-
-    async def _fit_prefetch(self, batch: list[_Taken]) -> None:
-        """Fit the prefetch count to the size of recent messages, between 2 and WORKER_PREFETCH.
-
-        AMQP's prefetch counts messages, and a score.batch.v1 message can be a thousand times
-        the size of a single score, so the count follows the size of recent messages, for a
-        window of a quarter of WORKER_PREFETCH_BYTES. That keeps what the broker sends ahead
-        small; the bound itself is the consumer's byte gate, whatever the sizes.
-        """
-        if not batch:
-            return
-        mean_size = sum(held_size(len(message.body)) for message, _ in batch) / len(batch)
-        share = self._settings.worker_prefetch_bytes // _WINDOW_SHARE_OF_BUDGET
-        wanted = max(2, min(self._settings.worker_prefetch, int(share // mean_size)))
-        current = self._wanted_window
-        if (
-            wanted * 2 <= current
-            or wanted >= current * 2
-            or (wanted == self._settings.worker_prefetch != current)
-        ):
-            self._wanted_window = wanted
-            self._consumer.fit(wanted)
 
     def _decode(self, message: Delivery) -> _Taken:
         if message.problem is not None:
