@@ -117,7 +117,7 @@ def _store_retries(caplog: pytest.LogCaptureFixture) -> int:
     return sum(
         1
         for record in caplog.records
-        if record.name == "worker.worker" and record.getMessage().startswith(STORE_RETRY_LOG)
+        if record.name == "worker.pipeline" and record.getMessage().startswith(STORE_RETRY_LOG)
     )
 
 

@@ -1,0 +1,45 @@
+"""The worker's periodic chores beside storing: purging what expired, polling queue depths."""
+
+import asyncio
+import logging
+
+from aio_pika.abc import AbstractChannel
+
+from shared.settings import Settings
+from shared.topology import DEAD_LETTER_QUEUE, QUEUE
+from worker._metrics import QUEUE_DEPTH
+from worker.store import ScoreStore
+
+log = logging.getLogger(__name__)
+
+_PURGE_INTERVAL_SECONDS = 600
+_QUEUE_DEPTH_INTERVAL_SECONDS = 5
+
+
+async def purge_expired_periodically(store: ScoreStore, settings: Settings) -> None:
+    """Forget Idempotency-Keys and tombstones past their retention, every ten minutes."""
+    while True:
+        try:
+            purged = await store.purge_idempotency_keys(settings.idempotency_key_ttl_seconds)
+            buried = await store.purge_tombstones(settings.tombstone_ttl_seconds)
+        except Exception as exc:  # the next round tries again; scores are unaffected
+            log.warning("purging expired Idempotency-Keys or tombstones failed: %s", exc)
+        else:
+            if purged or buried:
+                log.info("purged %d expired Idempotency-Keys, %d tombstones", purged, buried)
+        await asyncio.sleep(_PURGE_INTERVAL_SECONDS)
+
+
+async def poll_queue_depths_periodically(channel: AbstractChannel) -> None:
+    """Set score_ingest_queue_depth of scores.persist and scores.dead every five seconds."""
+    while True:
+        for name in (QUEUE, DEAD_LETTER_QUEUE):
+            try:
+                # The robust channel would answer from its cache; ask the broker itself.
+                underlay = await channel.get_underlay_channel()
+                declared = await underlay.queue_declare(name, passive=True)
+            except Exception as exc:  # a missed poll only leaves the gauge stale
+                log.debug("could not read the depth of %s: %s", name, exc)
+            else:
+                QUEUE_DEPTH.labels(name).set(declared.message_count or 0)
+        await asyncio.sleep(_QUEUE_DEPTH_INTERVAL_SECONDS)
