@@ -31,7 +31,6 @@ from functools import partial
 from typing import Any, Final
 
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aio_pika.message import IncomingMessage
 from aiormq.abc import DeliveredMessage
@@ -208,7 +207,7 @@ class Consumer:
         """Return once consuming."""
         await self._connected.wait()
 
-    def fit_window(self, recent: Sequence[AbstractIncomingMessage]) -> None:
+    def fit_window(self, recent: Sequence[Delivery]) -> None:
         """Fit the prefetch count to the size of recent messages, between 2 and WORKER_PREFETCH.
 
         AMQP's prefetch counts messages, and a score.batch.v1 message can be a thousand times
@@ -219,7 +218,7 @@ class Consumer:
         """
         if not recent:
             return
-        mean_size = sum(held_size(len(message.body)) for message in recent) / len(recent)
+        mean_size = sum(message._size for message in recent) / len(recent)
         most = self._settings.worker_prefetch
         wanted = max(2, min(most, int(self._budget // _WINDOW_SHARE_OF_BUDGET // mean_size)))
         current = self._wanted
@@ -277,7 +276,7 @@ class Consumer:
         with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
             await asyncio.wait_for(subscription.connection.close(), within)
 
-    async def ack_through(self, messages: Iterable[AbstractIncomingMessage]) -> None:
+    async def ack_through(self, messages: Iterable[Delivery]) -> None:
         """Ack with one frame per channel: multiple=True on its highest delivery tag.
 
         Sound because batches are taken and settled in delivery order: every earlier
@@ -287,7 +286,6 @@ class Consumer:
         """
         highest: dict[_Subscription, Delivery] = {}
         for message in messages:
-            assert isinstance(message, Delivery)
             known = highest.get(message._subscription)
             if known is None or (message.delivery_tag or 0) > (known.delivery_tag or 0):
                 highest[message._subscription] = message
@@ -296,20 +294,19 @@ class Consumer:
             await self._send(subscription, partial(_ack_multiple, subscription.channel, tag))
             self._settled(subscription, [t for t in subscription.unsettled if t <= tag])
 
-    async def ack(self, message: AbstractIncomingMessage) -> None:
+    async def ack(self, message: Delivery) -> None:
         """Ack one message."""
         await self._settle_one(message, lambda channel, tag: channel.basic_ack(tag))
 
-    async def reject(self, message: AbstractIncomingMessage) -> None:
+    async def reject(self, message: Delivery) -> None:
         """Reject one message without requeueing: the queue's dead-letter exchange takes it."""
         await self._settle_one(
             message, lambda channel, tag: channel.basic_reject(tag, requeue=False)
         )
 
     async def _settle_one(
-        self, message: AbstractIncomingMessage, action: Callable[[aiormq.Channel, int], Any]
+        self, message: Delivery, action: Callable[[aiormq.Channel, int], Any]
     ) -> None:
-        assert isinstance(message, Delivery)
         subscription, tag = message._subscription, message.delivery_tag or 0
         await self._send(subscription, lambda: action(subscription.channel, tag))
         self._settled(subscription, [tag])
