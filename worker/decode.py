@@ -1,8 +1,8 @@
 """Turning a delivered message into rows to store, or saying why it never can be."""
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, NamedTuple
-from uuid import UUID
+from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage
 from pydantic import ValidationError
@@ -17,40 +17,43 @@ from shared.contract import (
     ScoreMessage,
 )
 from shared.dead_letters import MAX_DETAIL_CHARS, DeadLetterReason
+from shared.score_fields import FIELD_NAMES, SCORE_FIELDS, Kind, ScoreField
 from shared.topology import API_EXCHANGE
 from worker._metrics import MESSAGES_DECODED
 
 _BY_API_EXCHANGE = MESSAGES_DECODED.labels("api_exchange")
 _BY_VALIDATION = MESSAGES_DECODED.labels("validation")
 
+# A score as the worker stores it: the values of its fields in the order of SCORE_FIELDS,
+# each as its column takes it (a JSON value as its text).
+ScoreRow = tuple[Any, ...]
 
-class ScoreRow(NamedTuple):
-    """A score as the worker stores it, in the order of the scores table's columns."""
+_CREATED_AT = FIELD_NAMES.index("created_at")
 
-    score_id: UUID | str
-    entity: str
-    project: str
-    prediction_id: str
-    scorer: str
-    value: str  # JSON text
-    evaluation_run_id: str | None
-    created_at: datetime
-    created_by: str
+
+def created_at_of(row: ScoreRow) -> datetime:
+    """When the row's score was created (by the api, or by a direct publisher)."""
+    created_at: datetime = row[_CREATED_AT]
+    return created_at
+
+
+def _json_text(value: Any) -> str:
+    return to_json(value).decode()
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+# How a validated score's fields become its row's values: as they are, a JSON value as its text.
+_VALIDATED_FIELDS = tuple(
+    (field.name, _json_text if field.kind is Kind.JSON else _as_is) for field in SCORE_FIELDS
+)
 
 
 def row_of(score: ScoreMessage) -> ScoreRow:
     """The row of a validated score."""
-    return ScoreRow(
-        score.score_id,
-        score.entity,
-        score.project,
-        score.prediction_id,
-        score.scorer,
-        to_json(score.value).decode(),
-        score.evaluation_run_id,
-        score.created_at,
-        score.created_by,
-    )
+    return tuple([stored(getattr(score, name)) for name, stored in _VALIDATED_FIELDS])
 
 
 class PoisonMessage(Exception):
@@ -123,6 +126,39 @@ def decode_scores(message: AbstractIncomingMessage, max_batch_bytes: int) -> lis
     return [row_of(score) for score in scores]
 
 
+def _text(value: Any) -> str:
+    if type(value) is str:
+        return value
+    raise TypeError("not a string")
+
+
+def _optional_text(value: Any) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    raise TypeError("neither a string nor null")
+
+
+def _zoned_time(value: Any) -> datetime:
+    parsed = datetime.fromisoformat(value)  # TypeError when it is not a string
+    if parsed.tzinfo is None:
+        raise ValueError("a time without a zone")
+    return parsed
+
+
+def _parser(field: ScoreField) -> Callable[[Any], Any]:
+    """How a field of a parsed body becomes its row value, raising TypeError or ValueError
+    when it has a type its column does not take."""
+    if field.kind is Kind.JSON:
+        return _json_text
+    if field.kind is Kind.TIME:
+        return _zoned_time
+    # A UUID stays the text the api published: asyncpg encodes it from that.
+    return _optional_text if field.optional else _text
+
+
+_PARSED_FIELDS = tuple((field.name, _parser(field)) for field in SCORE_FIELDS)
+
+
 def _api_rows(body: bytes, batch: bool) -> list[ScoreRow] | None:
     """The rows of a body the api validated and published, as ScoreMessage would give them.
 
@@ -138,36 +174,9 @@ def _api_rows(body: bytes, batch: bool) -> list[ScoreRow] | None:
         if batch and len(parsed) != 1:  # a field beside "scores"
             return None
         for item in parsed["scores"] if batch else (parsed,):
-            if len(item) != len(ScoreRow._fields):  # every field is read below: any more is unknown
+            if len(item) != len(_PARSED_FIELDS):  # every field is read below: any more is unknown
                 return None
-            score_id, entity, project = item["score_id"], item["entity"], item["project"]
-            prediction_id, scorer, created_by = (
-                item["prediction_id"],
-                item["scorer"],
-                item["created_by"],
-            )
-            run_id = item["evaluation_run_id"]
-            created_at = datetime.fromisoformat(item["created_at"])
-            if not (
-                type(score_id) is type(entity) is type(project) is str
-                and type(prediction_id) is type(scorer) is type(created_by) is str
-                and (run_id is None or type(run_id) is str)
-                and created_at.tzinfo is not None
-            ):
-                return None
-            rows.append(
-                ScoreRow(
-                    score_id,  # asyncpg encodes a UUID from its text
-                    entity,
-                    project,
-                    prediction_id,
-                    scorer,
-                    to_json(item["value"]).decode(),
-                    run_id,
-                    created_at,
-                    created_by,
-                )
-            )
+            rows.append(tuple([parse(item[name]) for name, parse in _PARSED_FIELDS]))
     except (KeyError, TypeError, ValueError):
         return None
     return rows or None

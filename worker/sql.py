@@ -1,5 +1,7 @@
 """Every SQL statement the worker runs."""
 
+from shared.score_fields import SCORE_FIELDS, Kind, ScoreField
+
 # Shared per-project locks: inserts run side by side, while a delete in the same project
 # (which takes the lock exclusively, see api/sql.py) waits for them and they for it, so a
 # score can never slip in between a delete's tombstone and its DELETE.
@@ -11,23 +13,29 @@ FROM (
 ) AS projects
 """
 
-# One statement per batch: unnest turns the column arrays back into rows; the primary key
-# makes redelivered or re-published scores no-ops, and tombstones keep deleted ids deleted
-# in every project of the entity that deleted them.
-INSERT_SCORES = """
-INSERT INTO scores (
-    score_id, entity, project, prediction_id, scorer, value,
-    evaluation_run_id, created_at, created_by
-)
-SELECT batch.score_id, batch.entity, batch.project, batch.prediction_id, batch.scorer,
-       batch.value::jsonb, batch.evaluation_run_id, batch.created_at, batch.created_by
-FROM unnest(
-    $1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-    $7::text[], $8::timestamptz[], $9::text[]
-) AS batch (
-    score_id, entity, project, prediction_id, scorer, value,
-    evaluation_run_id, created_at, created_by
-)
+
+def _array_type(field: ScoreField) -> str:
+    # A JSON value travels as its text (the row holds it so) and becomes jsonb in the SELECT.
+    return f"{Kind.TEXT.value if field.kind is Kind.JSON else field.kind.value}[]"
+
+
+def _stored(field: ScoreField) -> str:
+    cast = "::jsonb" if field.kind is Kind.JSON else ""
+    return f"batch.{field.name}{cast}"
+
+
+_COLUMNS = ", ".join(field.name for field in SCORE_FIELDS)
+_ARRAYS = ", ".join(f"${i}::{_array_type(field)}" for i, field in enumerate(SCORE_FIELDS, 1))
+_STORED = ", ".join(_stored(field) for field in SCORE_FIELDS)
+
+# One statement per batch. Its parameters are one array per column, in the order of
+# SCORE_FIELDS (a row's), which unnest turns back into rows. The primary key makes
+# redelivered or re-published scores no-ops, and tombstones keep deleted ids deleted in every
+# project of the entity that deleted them.
+INSERT_SCORES = f"""
+INSERT INTO scores ({_COLUMNS})
+SELECT {_STORED}
+FROM unnest({_ARRAYS}) AS batch ({_COLUMNS})
 WHERE NOT EXISTS (
     SELECT 1 FROM score_tombstones AS t
     WHERE t.score_id = batch.score_id AND t.entity = batch.entity

@@ -6,10 +6,13 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from shared.score_fields import FIELD_NAMES
 from worker import sql
 from worker.decode import ScoreRow
 
 _INSERT_TIMEOUT_SECONDS = 60
+# Where a row holds its entity and project, which the INSERT locks.
+_ENTITY, _PROJECT = FIELD_NAMES.index("entity"), FIELD_NAMES.index("project")
 
 
 class StorageRejected(Exception):
@@ -33,9 +36,10 @@ class ScoreStore:
 
     async def persist_batch(self, rows: Sequence[ScoreRow]) -> int:
         """Insert rows in one transaction; returns how many were stored (new, not deleted)."""
-        # One array per column, in the order of sql.INSERT_SCORES's parameters.
+        # One array per column: a row's values and sql.INSERT_SCORES's parameters are both
+        # in the order of SCORE_FIELDS.
         columns = tuple(zip(*rows, strict=True))
-        projects = set(zip(columns[1], columns[2], strict=True))  # nearly always one
+        projects = set(zip(columns[_ENTITY], columns[_PROJECT], strict=True))  # nearly always one
         try:
             async with contextlib.AsyncExitStack() as stack:
                 # Transactions begin in the order their batches were handed over (delivery
