@@ -1,13 +1,17 @@
 """The API's reads and writes of scores in PostgreSQL; every statement lives in api/sql.py."""
 
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 import asyncpg
 from asyncpg.pool import PoolAcquireContext
+from pydantic_core import to_json
 
 from api import sql
+from shared.score_fields import ANSWERED_FIELDS, Kind, ScoreField
 
 # A page of a list starts this small and doubles, up to PAGE_MAX_ROWS rows and about
 # PAGE_BYTES of JSON Lines: scores may carry values of a megabyte each, and a page is held
@@ -91,15 +95,57 @@ async def create_bounded_pool(
     return BoundedPool(name, pool, acquire_timeout, statement_timeout)
 
 
-def score_json(row: asyncpg.Record) -> bytes:
-    """A stored score as the API returns it; `value` is PostgreSQL's own jsonb text."""
-    return b'{"score_id":"%s","scorer":%s,"value":%s,"evaluation_run_id":%s,"wb_user_id":%s}' % (
-        str(row["score_id"]).encode(),
-        json.dumps(row["scorer"]).encode(),
-        row["value"].encode(),
-        json.dumps(row["evaluation_run_id"]).encode(),
-        json.dumps(row["created_by"]).encode(),
-    )
+def _quoted(value: Any) -> bytes:
+    return b'"%s"' % str(value).encode()  # a UUID's text: nothing in it to escape
+
+
+def _text(value: str) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _jsonb_text(value: str) -> bytes:
+    return value.encode()  # PostgreSQL's own text of a jsonb: JSON already
+
+
+def _time(value: datetime) -> bytes:
+    return to_json(value)  # as pydantic writes it, as in the message
+
+
+_ENCODERS: dict[Kind, Callable[[Any], bytes]] = {
+    Kind.UUID: _quoted,
+    Kind.TEXT: _text,
+    Kind.JSON: _jsonb_text,
+    Kind.TIME: _time,
+}
+
+
+def _or_null(encode: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    def encode_or_null(value: Any) -> bytes:
+        return b"null" if value is None else encode(value)
+
+    return encode_or_null
+
+
+def answer_encoder(fields: Sequence[ScoreField]) -> Callable[[Iterable[Any]], bytes]:
+    """How a row of the columns of fields that reads answer, in their order, becomes a
+    score's JSON answer."""
+    members = ",".join(f'"{field.answer}":%s' for field in fields)
+    template = f"{{{members}}}".encode()
+    encoders = [
+        _or_null(_ENCODERS[field.kind]) if field.optional else _ENCODERS[field.kind]
+        for field in fields
+    ]
+
+    def answer(row: Iterable[Any]) -> bytes:
+        return template % tuple(
+            [encode(value) for encode, value in zip(encoders, row, strict=True)]
+        )
+
+    return answer
+
+
+# A stored score as the API returns it, from a row of a read's columns (api/sql.py).
+score_json = answer_encoder(ANSWERED_FIELDS)
 
 
 async def read_score(pool: BoundedPool, entity: str, project: str, score_id: UUID) -> bytes | None:

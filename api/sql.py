@@ -1,5 +1,16 @@
 """Every SQL statement the API side runs."""
 
+from shared.score_fields import ANSWERED_FIELDS, Kind, ScoreField
+
+
+def _answered_column(field: ScoreField) -> str:
+    # jsonb as PostgreSQL's own text: the answer embeds it as it is.
+    return f"{field.name}::text AS {field.name}" if field.kind is Kind.JSON else field.name
+
+
+# What a read or list selects: the fields its answer holds, in order (api/repository.py).
+_ANSWERED_COLUMNS = ", ".join(_answered_column(field) for field in ANSWERED_FIELDS)
+
 INSERT_KEY = """
 INSERT INTO api_keys (key_id, secret_hash, entity, projects, name)
 VALUES ($1, $2, $3, $4, $5)
@@ -25,8 +36,8 @@ FROM api_keys
 WHERE key_id = $1
 """
 
-READ_SCORE = """
-SELECT score_id, scorer, value::text AS value, evaluation_run_id, created_by
+READ_SCORE = f"""
+SELECT {_ANSWERED_COLUMNS}
 FROM scores
 WHERE entity = $1 AND project = $2 AND score_id = $3
 """
@@ -37,16 +48,16 @@ WHERE entity = $1 AND project = $2 AND score_id = $3
 # OFFSET serves only a list's first page, and the api bounds it. Two statements rather
 # than one with "$n IS NULL OR ...": a prepared statement's generic plan could not use the
 # evaluation run's index for that.
-LIST_SCORES_PAGE = """
-SELECT score_id, scorer, value::text AS value, evaluation_run_id, created_by
+LIST_SCORES_PAGE = f"""
+SELECT {_ANSWERED_COLUMNS}
 FROM scores
 WHERE entity = $1 AND project = $2 AND score_id > $3
 ORDER BY score_id
 LIMIT $4 OFFSET $5
 """
 
-LIST_RUN_SCORES_PAGE = """
-SELECT score_id, scorer, value::text AS value, evaluation_run_id, created_by
+LIST_RUN_SCORES_PAGE = f"""
+SELECT {_ANSWERED_COLUMNS}
 FROM scores
 WHERE entity = $1 AND project = $2 AND evaluation_run_id = $3 AND score_id > $4
 ORDER BY score_id
