@@ -16,6 +16,7 @@ from api.publisher import MessageFields
 from api.schemas import ScoreCreateBody
 from shared.contract import scorer_entity_problem
 from shared.ids import new_score_id
+from shared.score_fields import FIELD_NAMES
 
 
 class ScorerOfAnotherEntity(ApiError):
@@ -50,21 +51,20 @@ def _check_scorers(entity: str, bodies: Sequence[ScoreCreateBody], kind: str) ->
 def score_message(
     scope: ProjectScope, body: ScoreCreateBody, score_id: UUID, created_at: datetime
 ) -> MessageFields:
-    """The fields of a score's message (ScoreMessage), with its id, time and the key's id."""
+    """The fields of a score's message (ScoreMessage), in the order of SCORE_FIELDS: the
+    body's, the path's entity and project, and the id, time and key's id the api gives it."""
     # The body and path were validated with the contract's own field types, so the message
     # is built as plain fields, without a model to validate or construct (the tests check
     # that what the api publishes is a valid ScoreMessage).
-    return {
-        "score_id": score_id,
+    values = {
+        **vars(body),
         "entity": scope.entity,
         "project": scope.project,
-        "prediction_id": body.prediction_id,
-        "scorer": body.scorer,
-        "value": body.value,
-        "evaluation_run_id": body.evaluation_run_id,
+        "score_id": score_id,
         "created_at": created_at,
         "created_by": scope.principal.key_id,
     }
+    return {name: values[name] for name in FIELD_NAMES}
 
 
 def _request_hash(kind: str, bodies: Sequence[ScoreCreateBody]) -> bytes:
