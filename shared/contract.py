@@ -269,6 +269,8 @@ StorableJson = Annotated[
 class ScoreMessage(BaseModel):
     """Body of a `score.create.v1` message on exchange `scores`, routing key `score.create`."""
 
+    # The fields of SCORE_FIELDS (shared/score_fields.py), in its order: the docstring and
+    # the fields' descriptions are the JSON Schema's.
     model_config = ConfigDict(extra="forbid", frozen=True, title="ScoreMessage")
 
     score_id: UUID7 = Field(description="UUIDv7 assigned by the API (or the publisher)")
