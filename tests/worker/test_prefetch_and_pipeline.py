@@ -1,7 +1,10 @@
 """The worker's prefetch window follows message size, and its pipeline loses and repeats nothing.
 
 (a) Large score.batch.v1 messages shrink the prefetch window to a share of WORKER_PREFETCH_BYTES,
-    and the broker then holds back the backlog instead of pushing it all into the worker.
+    and the broker then holds back the backlog instead of pushing it all into the worker. The
+    byte gate alone would bound the worker's memory, not what the broker hands it: with the
+    window left at WORKER_PREFETCH, 29 of these 31 messages were out to the worker at once,
+    none left in the queue for another.
 (b) Small messages widen the window again, up to WORKER_PREFETCH.
 (c) Storing batch N while collecting batch N+1 stores every score once, in delivery order, and a
     worker stopped mid-drain stores and acks everything it was given and returns nothing.
