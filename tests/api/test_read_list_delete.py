@@ -14,6 +14,7 @@ from api.keys import create_key
 from api.schemas import DEFAULT_LIST_LIMIT, MAX_DELETE_IDS, MAX_LIST_LIMIT, MAX_LIST_OFFSET
 from shared.contract import ScoreMessage
 from shared.ids import new_score_id
+from shared.score_fields import FIELD_NAMES
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE
 from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, score_body, wait_for_count
@@ -27,6 +28,7 @@ from tests.support.processes import (
 )
 from tests.support.rows import copy_scores
 from worker import sql as worker_sql
+from worker.decode import row_of
 from worker.worker import ScoreWorker
 
 OTHER_PROJECT = "other-evals"
@@ -566,17 +568,8 @@ async def test_a_delete_in_one_project_does_not_touch_another_projects_score(
 
 def _message_of(row: asyncpg.Record) -> ScoreMessage:
     """The create message a stored row came from."""
-    return ScoreMessage(
-        score_id=row["score_id"],
-        entity=row["entity"],
-        project=row["project"],
-        prediction_id=row["prediction_id"],
-        scorer=row["scorer"],
-        value=json.loads(row["value"]),
-        evaluation_run_id=row["evaluation_run_id"],
-        created_at=row["created_at"],
-        created_by=row["created_by"],
-    )
+    fields = {name: row[name] for name in FIELD_NAMES}
+    return ScoreMessage.model_validate({**fields, "value": json.loads(row["value"])})
 
 
 async def test_a_delete_racing_a_workers_insert_still_removes_the_score(
@@ -609,18 +602,7 @@ async def test_a_delete_racing_a_workers_insert_still_removes_the_score(
 
 def _columns(score: ScoreMessage) -> list[list[object]]:
     """A one-score batch as the worker's INSERT takes it: one array per column."""
-    values = (
-        score.score_id,
-        score.entity,
-        score.project,
-        score.prediction_id,
-        score.scorer,
-        json.dumps(score.value),
-        score.evaluation_run_id,
-        score.created_at,
-        score.created_by,
-    )
-    return [[value] for value in values]
+    return [[value] for value in row_of(score)]
 
 
 async def _wait_for_lock_waiter_or(task: asyncio.Task[int], db: asyncpg.Connection) -> None:

@@ -9,6 +9,7 @@ import aio_pika
 import asyncpg
 
 from shared.contract import CONTENT_TYPE, MESSAGE_TYPE, ScoreMessage
+from shared.score_fields import SCORE_FIELDS, Kind
 
 
 def to_amqp_message(message: ScoreMessage) -> aio_pika.Message:
@@ -32,12 +33,9 @@ async def assert_stored_as_sent(
     assert set(rows) == {score.score_id for score in scores}
     for score in scores:
         row = rows[score.score_id]
-        assert row["entity"] == score.entity
-        assert row["project"] == score.project
-        assert row["prediction_id"] == score.prediction_id
-        assert row["scorer"] == score.scorer
-        assert json.loads(row["value"]) == score.value
-        assert row["evaluation_run_id"] == score.evaluation_run_id
-        assert row["created_at"] == score.created_at
-        assert row["created_by"] == score.created_by
+        for field in SCORE_FIELDS:
+            stored = row[field.name]
+            if field.kind is Kind.JSON:
+                stored = json.loads(stored)
+            assert stored == getattr(score, field.name), field.name
     return rows

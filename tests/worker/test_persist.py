@@ -16,6 +16,8 @@ from tests.support.processes import (
     score_message,
     wait_until,
 )
+from worker import sql as worker_sql
+from worker.decode import row_of
 
 COUNT_SCORES = "SELECT count(*) FROM scores"
 
@@ -98,22 +100,7 @@ async def test_a_score_already_stored_is_acked_without_a_second_row(
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     original = score_message(value={"version": "original"})
-    await db.execute(
-        """
-        INSERT INTO scores (score_id, entity, project, prediction_id, scorer, value,
-                            evaluation_run_id, created_at, created_by)
-        VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9)
-        """,
-        original.score_id,
-        original.entity,
-        original.project,
-        original.prediction_id,
-        original.scorer,
-        json.dumps(original.value),
-        original.evaluation_run_id,
-        original.created_at,
-        original.created_by,
-    )
+    await db.execute(worker_sql.INSERT_SCORES, *([value] for value in row_of(original)))
     changed = original.model_copy(update={"value": {"version": "republished"}})
     fresh = score_message()
     async with connect_broker(settings) as broker:
