@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: install install-runtime run test lint format bench schema image up clean
+.PHONY: install install-runtime run test test-unit lint format bench schema image up clean
 
 # `make run` needs only the service's own dependencies; everything else needs the dev tools.
 install-runtime: $(RUNTIME)
@@ -24,8 +24,25 @@ $(DEV): $(RUNTIME)
 run: install-runtime
 	$(BIN)/score-ingest run
 
+# Tests (README "Testing"): everything but the serial tests in parallel, each pytest-xdist worker
+# with a database and a vhost of its own, then the serial tests (they load the whole machine)
+# one at a time. Both passes run whatever the first gives; exit 5 is a pass that PYTEST_ARGS
+# left without tests. A run starts hundreds of Python processes: they keep their bytecode even
+# where PYTHONDONTWRITEBYTECODE is set.
+TEST_WORKERS ?= 4
+
+test: export PYTHONDONTWRITEBYTECODE :=
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@status=0; \
+	$(BIN)/python -m pytest -m "not serial" -n $(TEST_WORKERS) $(PYTEST_ARGS) || status=$$?; \
+	[ $$status -eq 5 ] && status=0; \
+	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
+	exit $$status
+
+# Unit tests only: no PostgreSQL or RabbitMQ needed (a unit test that reaches for one fails).
+test-unit: export PYTHONDONTWRITEBYTECODE :=
+test-unit: install
+	$(BIN)/python -m pytest -m unit $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

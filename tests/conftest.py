@@ -7,12 +7,15 @@ Every test gets one of three markers here, from what it uses, so that a new test
 without anyone thinking of it:
 
 - fault: it cuts a connection (TcpProxy), boots a broker node of its own (rabbitmq_node),
-  or lives in a module of faults and hostile runs (FAULT_MODULES); these run one at a time.
+  or lives in a module of faults and hostile runs (FAULT_MODULES).
 - integration: it needs PostgreSQL or RabbitMQ (a fixture it uses needs one of them).
 - unit: neither. A run that selects only unit tests refuses the services: their fixtures
   fail and connections to their ports are refused, so a unit test that needs one fails.
 
-A marker written on a test by hand wins.
+A marker written on a test by hand wins. Tests that load the whole machine (the hostile
+run, faults under load: MACHINE_LOADING_MODULES) are also marked serial: `make test` runs
+them one at a time after the rest, which runs in parallel, so that their bounds on answer
+times measure the service and not the other tests.
 """
 
 import asyncio
@@ -51,6 +54,9 @@ FAULT_MODULES = frozenset(
 )
 # Names that, used in a test or in one of its fixtures, make it a fault test.
 FAULT_NAMES = frozenset({"TcpProxy", "rabbitmq_node"})
+MACHINE_LOADING_MODULES = frozenset(
+    {"tests/test_faults_under_load.py", "tests/test_hostile_run.py"}
+)
 SERVICE_URL_VARIABLES = ("TEST_DATABASE_URL", "TEST_AMQP_URL", "DATABASE_URL", "AMQP_URL")
 SERVICE_PORTS = frozenset({5432, 5672})
 UNIT_ONLY = pytest.StashKey[bool]()
@@ -67,27 +73,39 @@ def _names_used(function: Callable[..., Any]) -> set[str]:
     return found
 
 
-def _kind(item: pytest.Function) -> str:
-    module = item.nodeid.split("::", 1)[0]
+def _names_used_by_test(item: pytest.Function) -> set[str]:
+    """The names the test function and every fixture it uses refer to."""
     functions = [item.function] + [
         definition.func
         for definitions in item._fixtureinfo.name2fixturedefs.values()
         for definition in definitions
     ]
-    if module in FAULT_MODULES or any(FAULT_NAMES & _names_used(f) for f in functions):
+    return set().union(*(_names_used(function) for function in functions))
+
+
+def _module(item: pytest.Function) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def _kind(item: pytest.Function, names: set[str]) -> str:
+    if _module(item) in FAULT_MODULES or FAULT_NAMES & names:
         return "fault"
     if SERVICE_FIXTURES & set(item.fixturenames):
         return "integration"
     return "unit"
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test unit, integration or fault (before `-m` selects by the markers)."""
+    """Mark every test unit, integration or fault (and serial), before `-m` selects by them."""
     for item in items:
-        if isinstance(item, pytest.Function) and not any(
-            item.get_closest_marker(kind) for kind in KINDS
-        ):
-            item.add_marker(_kind(item))
+        if not isinstance(item, pytest.Function):
+            continue
+        names = _names_used_by_test(item)
+        if not any(item.get_closest_marker(kind) for kind in KINDS):
+            item.add_marker(_kind(item, names))
+        if _module(item) in MACHINE_LOADING_MODULES and not item.get_closest_marker("serial"):
+            item.add_marker("serial")
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
