@@ -85,7 +85,7 @@ _SAFE_PROPERTIES: Final = (
 )
 
 
-def held_size(body_size: int) -> int:
+def _held_size(body_size: int) -> int:
     """The bytes a message with a body of body_size costs the worker while it holds it."""
     return _COPIES_HELD * body_size + _OVERHEAD_BYTES
 
@@ -113,7 +113,7 @@ class Delivery(IncomingMessage):
     ) -> None:
         super().__init__(delivered)
         self._subscription = subscription
-        self._size = held_size(len(delivered.body))
+        self._size = _held_size(len(delivered.body))
         self._problem = problem
 
     @property
@@ -189,7 +189,7 @@ class Consumer:
 
     @property
     def held_bytes(self) -> int:
-        """Bytes of delivered messages not yet settled (`held_size` each)."""
+        """Bytes of delivered messages not yet settled, as the byte budget counts them."""
         return self._held_bytes
 
     @property
@@ -488,7 +488,7 @@ class Consumer:
             raise RuntimeError("aiormq changed: Channel._read_content is gone")
 
         async def gated(frame: Any, header: ContentHeader) -> DeliveredMessage:
-            size = held_size(header.body_size or 0)
+            size = _held_size(header.body_size or 0)
             while not self._stopping:
                 taken = self._held_bytes + subscription.reserved
                 if not taken or taken + size <= self._budget:
