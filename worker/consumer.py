@@ -188,11 +188,6 @@ class Consumer:
         return self._cautious_remaining > 0
 
     @property
-    def held_bytes(self) -> int:
-        """Bytes of delivered messages not yet settled, as the byte budget counts them."""
-        return self._held_bytes
-
-    @property
     def held_messages(self) -> int:
         """Delivered messages not yet settled, on every connection still referenced."""
         return sum(len(subscription.unsettled) for subscription in self._subscriptions)
