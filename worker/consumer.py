@@ -166,6 +166,9 @@ class Consumer:
         self._stopping = False
         self._connected = asyncio.Event()
         self._cautious_remaining = 0
+        # The gauge is the process's: a consumer before this one (tests run several in one
+        # process) may have left it at 1.
+        CAUTIOUS.set(0)
         # Since when the worker holds messages without settling any (None: it holds none).
         self._waiting_since: float | None = None
         self._last_delivery = time.monotonic()
