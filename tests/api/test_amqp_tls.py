@@ -93,6 +93,7 @@ async def test_the_api_and_the_worker_carry_a_score_over_tls(
         api_process(over_tls) as api,
         httpx.AsyncClient(base_url=api.base_url, timeout=10) as client,
     ):
+        await api.wait_until_ready()
         response = await client.post(SCORES_PATH, json=score_body(), headers=basic_auth(api_key))
         assert response.status_code == 200, response.text
         score_id = uuid.UUID(response.json()["score_id"])

@@ -5,15 +5,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import asyncpg
-import httpx
 import pytest
 from weave.telemetry import trace_sentry
 from weave.trace_server_bindings.remote_http_trace_server import RemoteHTTPTraceServer
 from weave.vendor.weave_server_sdk import NotFoundError
 
 from shared.settings import Settings
-from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, wait_for_count
-from tests.support.processes import ApiProcess, api_process, worker_process
+from tests.conftest import ENTITY, PROJECT, wait_for_count
+from tests.support.processes import api_process, worker_process
 
 PROJECT_ID = f"{ENTITY}/{PROJECT}"
 SCORER = f"weave:///{ENTITY}/{PROJECT}/op/exact_match:abc123"
@@ -35,21 +34,6 @@ async def _list_ids(server: RemoteHTTPTraceServer, **request: Any) -> list[str]:
     return [score.score_id for score in listed]
 
 
-async def _wait_accepting(api: ApiProcess, api_key: str) -> None:
-    """Wait until the api's publisher is connected: it confirms a score of another project."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
-    async with httpx.AsyncClient(base_url=api.base_url, headers=basic_auth(api_key)) as http:
-        while True:
-            response = await http.post(f"/v2/{ENTITY}/warm-up/scores", json=score_body())
-            if response.status_code == 200:
-                return
-            assert response.status_code == 503, response.text
-            if loop.time() > deadline:
-                raise api.process.failure("never accepted a score")
-            await asyncio.sleep(0.1)
-
-
 def test_the_sdk_sends_no_error_reports() -> None:
     # tests/e2e/conftest.py turns reporting off; with it on, the SDK has a Sentry scope.
     assert trace_sentry.global_trace_sentry.scope is None
@@ -60,7 +44,7 @@ async def test_create_read_list_and_delete_through_the_weave_sdk(
 ) -> None:
     key_id = api_key.split("_")[1]
     async with worker_process(settings), api_process(settings) as api:
-        await _wait_accepting(api, api_key)
+        await api.wait_until_ready()
         server = RemoteHTTPTraceServer(api.base_url, password=api_key)
 
         created = [

@@ -211,6 +211,20 @@ class ApiProcess:
     process: CliProcess
     base_url: str
 
+    async def wait_until_ready(self, timeout: float = START_TIMEOUT_SECONDS) -> None:
+        """Wait until /readyz answers 200: the publisher is connected and a create is taken.
+
+        The api serves before its publisher has connected (a TLS handshake takes a while
+        on a busy machine); until then a create is answered 503.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=2) as client:
+            while (response := await client.get("/readyz")).status_code != 200:
+                if loop.time() > deadline:
+                    raise self.process.failure(f"not ready within {timeout}s: {response.text}")
+                await asyncio.sleep(0.05)
+
 
 @contextlib.asynccontextmanager
 async def api_process(settings: Settings) -> AsyncIterator[ApiProcess]:
