@@ -15,7 +15,8 @@ without anyone thinking of it:
 A marker written on a test by hand wins. Tests that load the whole machine (the hostile
 run, faults under load: MACHINE_LOADING_MODULES) are also marked serial: `make test` runs
 them one at a time after the rest, which runs in parallel, so that their bounds on answer
-times measure the service and not the other tests.
+times measure the service and not the other tests. Tests under tests/cluster/ run nodes of
+their own (a PostgreSQL pair, a RabbitMQ cluster): they are marked cluster, and serial too.
 """
 
 import asyncio
@@ -57,6 +58,9 @@ FAULT_NAMES = frozenset({"TcpProxy", "rabbitmq_node"})
 MACHINE_LOADING_MODULES = frozenset(
     {"tests/test_faults_under_load.py", "tests/test_hostile_run.py"}
 )
+# Tests that run nodes of their own (a PostgreSQL pair, a RabbitMQ cluster): marked cluster
+# and serial.
+CLUSTER_DIRECTORY = "tests/cluster/"
 SERVICE_URL_VARIABLES = ("TEST_DATABASE_URL", "TEST_AMQP_URL", "DATABASE_URL", "AMQP_URL")
 SERVICE_PORTS = frozenset({5432, 5672})
 UNIT_ONLY = pytest.StashKey[bool]()
@@ -104,7 +108,11 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         names = _names_used_by_test(item)
         if not any(item.get_closest_marker(kind) for kind in KINDS):
             item.add_marker(_kind(item, names))
-        if _module(item) in MACHINE_LOADING_MODULES and not item.get_closest_marker("serial"):
+        in_cluster = _module(item).startswith(CLUSTER_DIRECTORY)
+        if in_cluster:
+            item.add_marker("cluster")
+        loads_machine = in_cluster or _module(item) in MACHINE_LOADING_MODULES
+        if loads_machine and not item.get_closest_marker("serial"):
             item.add_marker("serial")
 
 
