@@ -281,7 +281,9 @@ async def run_paced(
         f"Authorization: {authorization}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
-    idle: list[_Connection] = []
+    # Used in turn (oldest idle first), so that none waits idle past the api's header
+    # timeout (HTTP_HEADER_TIMEOUT_SECONDS), which closes it.
+    idle: collections.deque[_Connection] = collections.deque()
     waiting: collections.deque[float] = collections.deque()  # scheduled times, no connection
     done = asyncio.Event()
     answered_count = 0
@@ -331,7 +333,7 @@ async def run_paced(
                 await asyncio.sleep(delay)
             send_lags.append(time.perf_counter() - scheduled)
             if idle:
-                idle.pop().send(scheduled)
+                idle.popleft().send(scheduled)
             else:
                 waiting.append(scheduled)
         sending_ended = time.perf_counter()
