@@ -28,8 +28,7 @@ query parameter, fails when the route is made instead of being silently skipped.
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
@@ -38,14 +37,12 @@ from pydantic_core import from_json, to_json
 from starlette.types import Receive, Scope, Send
 
 from api.deps import ProjectScope, authorize_project
-from api.limits import header
 
 # Where RequestGate leaves the CheckedWrite of a write it let through.
 CHECKED_WRITE = "score_ingest.checked_write"
 
 
-@dataclass(frozen=True)
-class CheckedWrite:
+class CheckedWrite(NamedTuple):
     """A write RequestGate let through: the project scope its key may write to, and its body."""
 
     project: ProjectScope
@@ -57,6 +54,7 @@ class _Missing:
 
 
 _MISSING = _Missing()
+_JSON = b"application/json"
 
 
 class WriteRoute(APIRoute):
@@ -85,10 +83,11 @@ class WriteRoute(APIRoute):
         self._scope_name = scope.name
         self._body_name = body.name
         self._body: TypeAdapter[Any] = TypeAdapter(body.field_info.annotation)
-        self._headers = [
-            (field.name, field.alias, field.alias.lower().encode("latin-1"), _adapter(field))
+        # Header parameters by their name on the wire, as the server passes it (lower case).
+        self._headers = {
+            field.alias.lower().encode("latin-1"): (field.name, field.alias, _adapter(field))
             for field in dependant.header_params
-        ]
+        }
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve a POST as the module's docstring says; any other method is refused as
@@ -118,15 +117,21 @@ class WriteRoute(APIRoute):
         """The endpoint's header and body arguments; raises RequestValidationError with every
         error, the headers' first, as FastAPI does (a body that is not JSON at all first and
         alone, as FastAPI decodes it before it validates anything)."""
-        value = _decode(scope, body)
+        content_type = None
+        given: dict[bytes, bytes] = {}  # the first value of each header parameter sent
+        for key, value in scope["headers"]:
+            if key == b"content-type":
+                content_type = value if content_type is None else content_type
+            elif key in self._headers and key not in given:
+                given[key] = value
+        value = _decode(content_type, body)
         arguments: dict[str, Any] = {}
         errors: list[dict[str, Any]] = []
-        for name, alias, key, adapter in self._headers:
-            given = header(scope, key)
-            if given is None:
+        for key, (name, alias, adapter) in self._headers.items():
+            if key not in given:
                 continue  # the parameter's default
             try:
-                arguments[name] = adapter.validate_python(given.decode("latin-1"))
+                arguments[name] = adapter.validate_python(given[key].decode("latin-1"))
             except ValidationError as exc:
                 errors += _located(("header", alias), exc)
         if isinstance(value, _Missing):
@@ -150,13 +155,12 @@ def _located(prefix: tuple[str, ...], exc: ValidationError) -> list[dict[str, An
     return [{**error, "loc": (*prefix, *error["loc"])} for error in exc.errors(include_url=False)]
 
 
-def _decode(scope: Scope, body: bytes) -> Any:
+def _decode(content_type: bytes | None, body: bytes) -> Any:
     """The body as FastAPI hands it to validation: decoded JSON, the bytes of a body that is
     not JSON, or _MISSING; raises RequestValidationError for a JSON body that does not decode."""
     if not body:
         return _MISSING
-    content_type = header(scope, b"content-type")
-    if not content_type or not _is_json(content_type.decode("latin-1")):
+    if content_type != _JSON and not (content_type and _is_json(content_type.decode("latin-1"))):
         return body
     try:
         return from_json(body)
