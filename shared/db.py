@@ -9,7 +9,11 @@ import asyncpg
 
 log = logging.getLogger(__name__)
 
-# What makes the database unreachable, as opposed to a bug in our SQL or bad data.
+# What makes the database unreachable, as opposed to a bug in our SQL or bad data. During a
+# failover the server that takes writes is briefly missing: a multi-host DATABASE_URL with
+# target_session_attrs=read-write then finds only standbys (TargetServerAttributeNotMatched),
+# and a session on a server that no longer takes writes has its writes refused
+# (ReadOnlySQLTransactionError). Both pass once a primary is back, as a lost connection does.
 DATABASE_UNAVAILABLE = (
     OSError,
     TimeoutError,
@@ -17,6 +21,8 @@ DATABASE_UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.OperatorInterventionError,
+    asyncpg.TargetServerAttributeNotMatched,
+    asyncpg.ReadOnlySQLTransactionError,
 )
 
 # Any constant works; it only has to be the same in every process that migrates.
@@ -53,7 +59,7 @@ def load_migrations() -> list[Migration]:
 
 
 def database_name(url: str) -> str:
-    """The database named in a postgresql:// URL."""
+    """The database named in a postgresql:// URL (one host or several: `h1:p1,h2:p2`)."""
     name = unquote(urlsplit(url).path.lstrip("/"))
     if not name:
         raise ValueError(f"DATABASE_URL names no database: {url!r}")
@@ -61,7 +67,8 @@ def database_name(url: str) -> str:
 
 
 def with_database(url: str, name: str) -> str:
-    """The same server URL pointing at another database."""
+    """The same servers and options (sslmode, target_session_attrs, ...) pointing at another
+    database."""
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
 

@@ -1,0 +1,234 @@
+"""PostgreSQL failover under load: the api, the worker and the CLI follow the primary.
+
+A real `score-ingest api` and worker run against a PostgreSQL pair of the test's own, through
+a DATABASE_URL naming both servers with target_session_attrs=read-write (and TLS, verified).
+Clients post singles and batches, most with an Idempotency-Key, retrying 503s. The primary
+is stopped as a crash would stop it and the standby promoted; then the old primary comes
+back as a standby and the failover is repeated the other way, so both the first server
+and the second one in the URL are once the primary. Afterwards every score answered 200 is
+exactly one row on the last primary, every keyed request retried gets the ids it got
+before, nothing is dead-lettered, and the CLI works without being told anything new.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+
+from chaos.postgres import PostgresPair
+from shared.db import database_name, with_database
+from shared.settings import Settings
+from shared.topology import DEAD_LETTER_QUEUE
+from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
+from tests.support.load import assert_stored_exactly_once
+from tests.support.processes import (
+    REPO_ROOT,
+    api_process,
+    connect_broker,
+    settings_env,
+    wait_until,
+    worker_process,
+)
+
+SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
+CLIENTS = 4
+BATCH_SIZE = 5
+FAILOVERS = 2
+# Keyed requests accepted before a fault, and after the promotion, per failover.
+ACCEPTED_BEFORE = 20
+ACCEPTED_AFTER = 20
+RETRY_PAUSE_SECONDS = 0.1
+# A request is retried (503 or no answer) for at most this long.
+RETRY_SECONDS = 60.0
+PROGRESS_SECONDS = 60.0
+CLI_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class Request:
+    """One create as a client sends it: its body, and its Idempotency-Key if any."""
+
+    path: str
+    body: dict[str, Any]
+    key: str | None
+
+    def ids(self, response: httpx.Response) -> list[str]:
+        """The score ids a 200 answered."""
+        answer = response.json()
+        return answer["score_ids"] if "score_ids" in answer else [answer["score_id"]]
+
+
+@dataclass
+class Clients:
+    """CLIENTS clients posting until stopped; each request retried until it is answered 200."""
+
+    http: httpx.AsyncClient
+    headers: dict[str, str]
+    accepted: list[tuple[Request, list[str], float]] = field(default_factory=list)
+    refusals: int = 0
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def post_until_accepted(self, request: Request) -> list[str]:
+        """Send request until it is answered 200; any answer but 200 or 503 fails the test."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RETRY_SECONDS
+        headers = dict(self.headers)
+        if request.key is not None:
+            headers["Idempotency-Key"] = request.key
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                response = await self.http.post(request.path, json=request.body, headers=headers)
+                if response.status_code == 200:
+                    return request.ids(response)
+                assert response.status_code == 503, (response.status_code, response.text)
+            self.refusals += 1
+            assert loop.time() < deadline, f"not accepted within {RETRY_SECONDS}s: {request}"
+            await asyncio.sleep(RETRY_PAUSE_SECONDS)
+
+    async def run(self, client: int) -> None:
+        """Post a keyed single, a keyed batch and an unkeyed single, in turn, until stopped."""
+        loop = asyncio.get_running_loop()
+        sent = 0
+        while not self.stopping.is_set():
+            sent += 1
+            request = _request(client, sent)
+            ids = await self.post_until_accepted(request)
+            self.accepted.append((request, ids, loop.time()))
+
+    def longest_keyed_gap(self) -> float:
+        """The longest time (seconds) between two keyed requests' 200s: no 200 needing
+        PostgreSQL was answered meanwhile."""
+        times = sorted(at for request, _, at in self.accepted if request.key)
+        return max((b - a for a, b in itertools.pairwise(times)), default=0.0)
+
+    async def wait_for_keyed(self, count: int, since: float, when: str) -> None:
+        """Wait until `count` keyed requests were accepted at or after `since` (event loop
+        clock)."""
+        await wait_until(
+            lambda: sum(1 for r, _, at in self.accepted if r.key and at >= since) >= count,
+            f"{count} keyed requests accepted {when}",
+            PROGRESS_SECONDS,
+        )
+
+
+def _request(client: int, sent: int) -> Request:
+    name = f"failover-{client}-{sent}"
+    match sent % 3:
+        case 0:
+            return Request(SCORES_PATH, score_body(prediction_id=name), key=None)
+        case 1:
+            return Request(SCORES_PATH, score_body(prediction_id=name), key=name)
+        case _:
+            scores = [score_body(prediction_id=f"{name}-{n}") for n in range(BATCH_SIZE)]
+            return Request(f"{SCORES_PATH}/batch", {"scores": scores}, key=name)
+
+
+@pytest.fixture
+def pair() -> Iterator[PostgresPair]:
+    """A primary and a streaming standby with TLS, in a directory user postgres can reach."""
+    workdir = Path(tempfile.mkdtemp(prefix="score-ingest-pg-"))
+    try:
+        started = time.monotonic()
+        with PostgresPair(workdir) as running:
+            print(f"PostgreSQL pair started in {time.monotonic() - started:.2f}s")
+            yield running
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        cwd=REPO_ROOT,
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=CLI_SECONDS,
+        check=False,
+    )
+
+
+def _verified_url(pair: PostgresPair) -> str:
+    return f"{pair.database_url()}&sslmode=verify-full&sslrootcert={pair.ca_file()}"
+
+
+def test_the_database_url_names_both_servers(pair: PostgresPair) -> None:
+    url = _verified_url(pair)
+    assert database_name(url) == "score_ingest"
+    other = with_database(url, "postgres")
+    assert database_name(other) == "postgres"
+    assert other.split("/postgres?")[1] == url.split("/score_ingest?")[1]
+
+
+async def test_api_worker_and_cli_follow_the_primary(
+    pair: PostgresPair, settings: Settings
+) -> None:
+    settings = settings.model_copy(update={"database_url": _verified_url(pair)})
+    migrated = _cli(settings, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    created = _cli(settings, "keys", "create", "--entity", ENTITY, "--name", "failover")
+    assert created.returncode == 0, created.stderr
+    secret = created.stdout.strip().splitlines()[-1]
+
+    loop = asyncio.get_running_loop()
+    async with (
+        api_process(settings) as api,
+        worker_process(settings),
+        httpx.AsyncClient(base_url=api.base_url, timeout=10) as http,
+    ):
+        await api.wait_until_ready()
+        clients = Clients(http, basic_auth(secret))
+        posting = [asyncio.create_task(clients.run(n)) for n in range(CLIENTS)]
+        try:
+            for failover in range(FAILOVERS):
+                await clients.wait_for_keyed(ACCEPTED_BEFORE, loop.time(), "before the fault")
+                stopped = loop.time()
+                old_primary = pair.primary
+                await asyncio.to_thread(pair.stop_primary)
+                await asyncio.to_thread(pair.promote_standby)
+                promoted = loop.time()
+                assert pair.primary != old_primary
+                await clients.wait_for_keyed(ACCEPTED_AFTER, promoted, "after the promotion")
+                print(
+                    f"failover {failover}: stop+promote {promoted - stopped:.2f}s, "
+                    f"longest gap between keyed 200s {clients.longest_keyed_gap():.2f}s, "
+                    f"refusals so far {clients.refusals}"
+                )
+                if failover + 1 < FAILOVERS:
+                    await asyncio.to_thread(pair.rebuild_standby)
+        finally:
+            clients.stopping.set()
+            await asyncio.gather(*posting)
+
+        keyed = [(request, ids) for request, ids, _ in clients.accepted if request.key]
+        for request, ids in keyed:
+            assert await clients.post_until_accepted(request) == ids, request.key
+
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            assert not await conn.fetchval("SELECT pg_is_in_recovery()")
+            accepted_ids = [score_id for _, ids, _ in clients.accepted for score_id in ids]
+            await assert_stored_exactly_once(conn, accepted_ids)
+        finally:
+            await conn.close()
+        async with connect_broker(settings) as broker:
+            assert await broker.ready_count(DEAD_LETTER_QUEUE) == 0
+
+    migrated_again = _cli(settings, "migrate")
+    assert migrated_again.returncode == 0, migrated_again.stderr
+    assert "schema is up to date" in migrated_again.stdout
+    listed = _cli(settings, "keys", "list", "--entity", ENTITY)
+    assert listed.returncode == 0, listed.stderr
+    assert "failover" in listed.stdout
