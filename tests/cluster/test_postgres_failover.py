@@ -7,7 +7,8 @@ is stopped as a crash would stop it and the standby promoted; then the old prima
 back as a standby and the failover is repeated the other way, so both the first server
 and the second one in the URL are once the primary. Afterwards every score answered 200 is
 exactly one row on the last primary, every keyed request retried gets the ids it got
-before, nothing is dead-lettered, and the CLI works without being told anything new.
+before, nothing is dead-lettered, and the CLI works without being told anything new. A
+primary fenced read-only is the database being unavailable too, never a bad score.
 """
 
 import asyncio
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +161,15 @@ def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@contextlib.asynccontextmanager
+async def _connection(url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 def _verified_url(pair: PostgresPair) -> str:
     return f"{pair.database_url()}&sslmode=verify-full&sslrootcert={pair.ca_file()}"
 
@@ -216,13 +226,10 @@ async def test_api_worker_and_cli_follow_the_primary(
         for request, ids in keyed:
             assert await clients.post_until_accepted(request) == ids, request.key
 
-        conn = await asyncpg.connect(settings.database_url)
-        try:
+        async with _connection(settings.database_url) as conn:
             assert not await conn.fetchval("SELECT pg_is_in_recovery()")
             accepted_ids = [score_id for _, ids, _ in clients.accepted for score_id in ids]
             await assert_stored_exactly_once(conn, accepted_ids)
-        finally:
-            await conn.close()
         async with connect_broker(settings) as broker:
             assert await broker.ready_count(DEAD_LETTER_QUEUE) == 0
 
@@ -232,3 +239,57 @@ async def test_api_worker_and_cli_follow_the_primary(
     listed = _cli(settings, "keys", "list", "--entity", ENTITY)
     assert listed.returncode == 0, listed.stderr
     assert "failover" in listed.stdout
+
+
+async def test_a_primary_that_takes_no_writes_is_unavailable_not_a_bad_score(
+    pair: PostgresPair, settings: Settings
+) -> None:
+    # A fenced primary (default_transaction_read_only) and a standby: the sessions the
+    # pools hold have their writes refused, and a new connection finds no server that
+    # takes writes. Both are the database being unavailable: 503s, and retries in the
+    # worker, until the primary takes writes again.
+    settings = settings.model_copy(update={"database_url": _verified_url(pair)})
+    assert _cli(settings, "migrate").returncode == 0
+    created = _cli(settings, "keys", "create", "--entity", ENTITY)
+    assert created.returncode == 0, created.stderr
+    headers = basic_auth(created.stdout.strip().splitlines()[-1])
+    # The first server in the URL: the primary of a pair that never failed over.
+    any_server = pair.database_url("postgres").replace("=read-write", "=any")
+    loop = asyncio.get_running_loop()
+    async with (
+        api_process(settings) as api,
+        worker_process(settings),
+        httpx.AsyncClient(base_url=api.base_url, timeout=10) as http,
+        _connection(any_server) as admin,
+    ):
+        await api.wait_until_ready()
+        clients = Clients(http, headers)
+        before = _request(0, 1)
+        accepted = [await clients.post_until_accepted(before)]
+        await admin.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        await admin.execute("SELECT pg_reload_conf()")
+        deadline = loop.time() + PROGRESS_SECONDS
+        sent = 1
+        while True:
+            sent += 1
+            keyed = _request(0, 3 * sent + 1)
+            response = await http.post(
+                keyed.path, json=keyed.body, headers=headers | {"Idempotency-Key": str(keyed.key)}
+            )
+            if response.status_code == 503:
+                break
+            assert response.status_code == 200, response.text
+            accepted.append(keyed.ids(response))
+            assert loop.time() < deadline, "no 503 while the primary takes no writes"
+        # A score that needs no database is taken, and waits in the queue for the worker.
+        unkeyed = _request(1, 3)
+        accepted.append(await clients.post_until_accepted(unkeyed))
+        await admin.execute("SET default_transaction_read_only = off")
+        await admin.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        await admin.execute("SELECT pg_reload_conf()")
+        accepted.append(await clients.post_until_accepted(_request(1, 4)))
+
+        async with _connection(settings.database_url) as conn:
+            await assert_stored_exactly_once(conn, [i for ids in accepted for i in ids])
+        async with connect_broker(settings) as broker:
+            assert await broker.ready_count(DEAD_LETTER_QUEUE) == 0
