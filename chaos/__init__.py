@@ -1,0 +1,2 @@
+"""The cluster harness and chaos runner (issue 15): real nodes on this machine, faults
+under load."""
