@@ -47,6 +47,8 @@ from pamqp.base import Frame
 from pamqp.exceptions import UnmarshalingException
 from pamqp.header import ContentHeader, ProtocolHeader
 
+from shared.broker import broker_nodes
+
 _CHANNEL: Final = 1
 _FRAME_METHOD, _FRAME_HEADER, _FRAME_BODY, _FRAME_HEARTBEAT = 1, 2, 3, 8
 _FRAME_END: Final = b"\xce"
@@ -57,7 +59,6 @@ _HEARTBEAT: Final = struct.pack(">BHI", _FRAME_HEARTBEAT, 0, 0) + _FRAME_END
 # Bytes handed to the transport at a time: it says `pause_writing` only after a write, so
 # this bounds how far past its limit one flush can go (a message is never cut).
 _WRITE_CHUNK: Final = 256 * 1024
-_DEFAULT_PORTS: Final = {"amqp": 5672, "amqps": 5671}
 _MAX_HEARTBEAT: Final = 65535  # a short in connection.tune-ok
 
 # Property flags of the content header, in the order their values are encoded.
@@ -111,17 +112,22 @@ class AmqpAddress:
 
 
 def parse_amqp_url(url: str) -> AmqpAddress:
-    """Read an `amqp://` or `amqps://` URL; raises UnsupportedBrokerUrl for anything else,
-    and for any query option but `heartbeat` (seconds between heartbeats, 0: none)."""
-    parts = urlsplit(url)
-    if parts.scheme not in _DEFAULT_PORTS:
-        raise UnsupportedBrokerUrl(
-            f"AMQP_URL must start with amqp:// or amqps://, not {parts.scheme or 'nothing'}://"
-        )
+    """Read an `amqp://` or `amqps://` URL of one node; raises UnsupportedBrokerUrl for
+    anything else, and for any query option but `heartbeat` (seconds between heartbeats,
+    0: none). Hosts and ports are read by shared.broker.broker_nodes, for every client."""
     try:
-        port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        nodes = broker_nodes(url)
     except ValueError as exc:
-        raise UnsupportedBrokerUrl(f"AMQP_URL has an invalid port: {exc}") from None
+        raise UnsupportedBrokerUrl(str(exc)) from None
+    if len(nodes) > 1:
+        raise UnsupportedBrokerUrl(
+            "the publisher connects to one node at a time: give it one of shared.broker."
+            "broker_nodes(AMQP_URL)"
+        )
+    parts = urlsplit(nodes[0])
+    # broker_nodes wrote both.
+    assert parts.hostname is not None
+    assert parts.port is not None
     heartbeat = None
     refused = []
     for name, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -138,8 +144,8 @@ def parse_amqp_url(url: str) -> AmqpAddress:
             + "); the only option it reads is heartbeat=<seconds>"
         )
     return AmqpAddress(
-        host=parts.hostname or "localhost",
-        port=port,
+        host=parts.hostname,
+        port=parts.port,
         user=unquote(parts.username or "guest"),
         password=unquote(parts.password or "guest"),
         vhost=unquote(parts.path[1:]) or "/",

@@ -16,10 +16,16 @@ from typing import Any
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pydantic_core import to_json
 
-from api.amqp import ConfirmingPublisher, MessageProperties, PublishFailed, parse_amqp_url
+from api.amqp import (
+    ConfirmingPublisher,
+    MessageProperties,
+    PublishFailed,
+    UnsupportedBrokerUrl,
+    parse_amqp_url,
+)
 from api.errors import BrokerUnavailable
 from api.metrics import PUBLISH_CONFIRM_SECONDS, PUBLISH_FAILURES, SCORES_ACCEPTED
-from shared.broker import MAX_BACKOFF_SECONDS, retry_until_connected, tls_context
+from shared.broker import MAX_BACKOFF_SECONDS, BrokerNodes, retry_until_connected, tls_context
 from shared.contract import (
     BATCH_MESSAGE_TYPE,
     CONTENT_TYPE,
@@ -48,16 +54,24 @@ _BATCH_OPENING, _BATCH_CLOSING = b'{"scores":[', b"]}"
 
 
 class ScorePublisher:
-    """Keeps one confirming connection to the broker, reconnecting whenever it is lost.
+    """Keeps one confirming connection to a broker node, reconnecting whenever it is lost.
 
     Many requests publish on it at once; each waits only for its own confirm. Until the
     connection is up, and while the broker blocks publishers, publishes fail at once (503).
+    Each connection goes to the next of AMQP_URL's nodes (shared/broker.py): after a loss,
+    not to the node just lost. A publish is made on one connection and fails with it, so
+    none is sent again on the next.
     """
 
     def __init__(self, settings: Settings) -> None:
         # An AMQP_URL the publisher cannot follow, or TLS files it cannot use, stop the api
         # at start-up.
-        parse_amqp_url(settings.amqp_url)
+        try:
+            self._nodes = BrokerNodes(settings.amqp_url)
+        except ValueError as exc:
+            raise UnsupportedBrokerUrl(str(exc)) from None
+        for node_url in self._nodes.urls:
+            parse_amqp_url(node_url)
         self._tls = tls_context(settings)
         self._settings = settings
         self._connection: ConfirmingPublisher | None = None
@@ -80,10 +94,18 @@ class ScorePublisher:
         connection = self._connection
         return connection is not None and connection.is_open and not connection.blocked
 
+    @property
+    def broker(self) -> dict[str, str | bool | None]:
+        """For /readyz: the node (`host:port`) connected to, or being tried, and whether
+        the connection is open."""
+        connection = self._connection
+        connected = connection is not None and connection.is_open
+        return {"node": self._nodes.address, "connected": connected}
+
     async def _keep_connected(self) -> None:
         while True:
             try:
-                connection = await retry_until_connected(self._connect, _UNREACHABLE)
+                connection = await retry_until_connected(self._connect, _UNREACHABLE, self._nodes)
             except Exception:
                 # Typically PRECONDITION_FAILED: scores.persist exists with other arguments.
                 log.exception("publisher cannot set up the broker topology")
@@ -91,26 +113,28 @@ class ScorePublisher:
                 continue
             self._connection = connection
             self._connected.set()
-            log.info("publisher connected to broker")
+            node = self._nodes.address
+            log.info("publisher connected to broker node %s", node)
             await asyncio.shield(connection.closed)
             self._connected.clear()
-            log.warning("publisher lost the broker; reconnecting")
+            log.warning("publisher lost broker node %s; reconnecting", node)
 
-    async def _connect(self) -> ConfirmingPublisher:
+    async def _connect(self, node_url: str) -> ConfirmingPublisher:
         settings = self._settings
         # Connected first, so that a broker that cannot be reached, trusted or logged in to
         # is reported by our client, which says why.
         connection = await ConfirmingPublisher.connect(
-            settings.amqp_url,
+            node_url,
             connection_name="score-ingest-api",
             connect_timeout=settings.publish_timeout_seconds,
             publish_timeout=settings.publish_timeout_seconds,
             tls=self._tls,
         )
-        # The topology is declared on each (re)connect, through a short aio-pika connection:
-        # declaring is rare, and it keeps one definition of the topology for every process.
+        # The topology is declared on each (re)connect, through a short aio-pika connection
+        # to the same node: declaring is rare, and it keeps one definition of the topology
+        # for every process.
         try:
-            await declare_topology_once(settings, settings.publish_timeout_seconds)
+            await declare_topology_once(settings, settings.publish_timeout_seconds, node_url)
         except BaseException:
             connection.abort()
             raise

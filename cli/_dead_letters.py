@@ -27,10 +27,16 @@ from decimal import Decimal
 from typing import Any, Final, Protocol
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from shared import field_tables
-from shared.broker import tls_context
+from shared.broker import BrokerNodes, connect_to_a_node, tls_context
 from shared.dead_letters import DETAIL_HEADER, QUEUE_HEADER, REASON_HEADER, TIME_HEADER
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, EXCHANGE, ROUTING_KEY
@@ -352,8 +358,13 @@ def _short_string(value: str | None) -> str | None:
 async def open_dead_letters(settings: Settings) -> AsyncIterator[DeadLetterQueue]:
     """A pass over scores.dead; unacked messages go back to the queue on exit."""
     field_tables.install()
-    connection = await aio_pika.connect(
-        settings.amqp_url, timeout=10, ssl_context=tls_context(settings)
+    tls = tls_context(settings)
+
+    async def connect(url: str) -> AbstractConnection:
+        return await aio_pika.connect(url, timeout=10, ssl_context=tls)
+
+    connection = await connect_to_a_node(
+        connect, CONNECTION_EXCEPTIONS, BrokerNodes(settings.amqp_url)
     )
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

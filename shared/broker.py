@@ -1,14 +1,23 @@
-"""Connecting to RabbitMQ the same way on both sides."""
+"""Connecting to RabbitMQ the same way on both sides, to one of the nodes AMQP_URL lists.
+
+AMQP_URL may name several nodes of a cluster, `amqp://user:pass@h1:5672,h2:5672/vhost`, all
+with the same credentials, vhost and options. Clients (aiormq, aio-pika, the api's own) take
+one host, so every connection is made to one node's URL (`broker_nodes`), and each attempt,
+after a failure or a loss, goes to the next node (`BrokerNodes`): a node that died is not
+tried again first.
+"""
 
 import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
-import aio_pika
+from aio_pika import RobustConnection
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from yarl import URL
 
 from shared import field_tables
 from shared.settings import Settings
@@ -17,8 +26,82 @@ log = logging.getLogger(__name__)
 
 RECONNECT_INTERVAL_SECONDS = 1.0
 MAX_BACKOFF_SECONDS = 5.0
+DEFAULT_PORTS: Final = {"amqp": 5672, "amqps": 5671}
+_MAX_PORT: Final = 65535
 
 T = TypeVar("T")
+
+
+def broker_nodes(url: str) -> list[str]:
+    """One single-host URL per node of an AMQP URL, in the order written, each with its port.
+
+    Raises ValueError, saying what is wrong, for a scheme other than amqp:// or amqps://, a
+    node without a host, or a port that is not a number from 1 to 65535.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an unbalanced [ or ]
+        raise ValueError(f"AMQP_URL cannot be read: {exc}") from None
+    if parts.scheme not in DEFAULT_PORTS:
+        raise ValueError(
+            f"AMQP_URL must start with amqp:// or amqps://, not {parts.scheme or 'nothing'}://"
+        )
+    credentials, at, hosts = parts.netloc.rpartition("@")
+    nodes = []
+    for written in hosts.split(","):
+        host, port = _host_and_port(written.strip(), DEFAULT_PORTS[parts.scheme])
+        netloc = f"{credentials}{at}{host}:{port}"
+        nodes.append(urlunsplit(parts._replace(netloc=netloc)))
+    return nodes
+
+
+def _host_and_port(written: str, default_port: int) -> tuple[str, int]:
+    """A node as AMQP_URL lists it, `host`, `host:port`, `[v6]` or `[v6]:port`."""
+    if written.startswith("["):
+        address, bracket, rest = written[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ValueError(f"AMQP_URL lists a node it cannot read: {written!r}")
+        host, port_text = f"[{address}]" if address else "", rest[1:]
+    else:
+        host, _, port_text = written.partition(":")
+    if not host:
+        raise ValueError(
+            f"AMQP_URL lists a node with no host: {written!r} (nodes are host:port, "
+            "separated by commas)"
+        )
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) <= _MAX_PORT:
+        raise ValueError(
+            f"AMQP_URL has an invalid port for node {written!r}: a number from 1 to {_MAX_PORT}"
+        )
+    return host, int(port_text)
+
+
+def node_address(node_url: str) -> str:
+    """`host:port` of a single-host URL that broker_nodes gave."""
+    return urlsplit(node_url).netloc.rpartition("@")[2]
+
+
+class BrokerNodes:
+    """The nodes of an AMQP URL, taken in turn: each connection attempt goes to the next."""
+
+    def __init__(self, url: str) -> None:
+        self.urls: Final = broker_nodes(url)
+        self._next = 0
+        self._address: str | None = None
+
+    @property
+    def address(self) -> str | None:
+        """`host:port` of the node last taken (connected to, or being tried); None before."""
+        return self._address
+
+    def take(self) -> str:
+        """The URL of the next node, round-robin, from the first one written."""
+        url = self.urls[self._next]
+        self._next = (self._next + 1) % len(self.urls)
+        self._address = node_address(url)
+        return url
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -42,37 +125,99 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 async def retry_until_connected(
-    connect: Callable[[], Awaitable[T]], errors: tuple[type[BaseException], ...]
+    connect: Callable[[str], Awaitable[T]],
+    errors: tuple[type[BaseException], ...],
+    nodes: BrokerNodes,
 ) -> T:
-    """Call connect until it returns, backing off from 0.1 s to MAX_BACKOFF_SECONDS while
-    it raises one of errors (the broker is not reachable)."""
+    """Call connect with the next node's URL until it returns, backing off from 0.1 s to
+    MAX_BACKOFF_SECONDS while it raises one of errors (that node is not reachable)."""
     delay = 0.1
     while True:
+        url = nodes.take()
         try:
-            return await connect()
+            return await connect(url)
         except errors as exc:
-            log.warning("broker not reachable (%s); retrying in %.1fs", exc, delay)
+            log.warning(
+                "broker node %s not reachable (%s); trying %s in %.1fs",
+                nodes.address,
+                exc,
+                "again" if len(nodes.urls) == 1 else "the next node",
+                delay,
+            )
         await asyncio.sleep(delay)
         delay = min(delay * 2, MAX_BACKOFF_SECONDS)
+
+
+async def connect_to_a_node(
+    connect: Callable[[str], Awaitable[T]],
+    errors: tuple[type[BaseException], ...],
+    nodes: BrokerNodes,
+) -> T:
+    """Call connect with each node's URL in turn until one returns; if every node raised
+    one of errors, raise the last node's error. For one-off commands, which do not wait."""
+    for remaining in range(len(nodes.urls) - 1, -1, -1):
+        url = nodes.take()
+        try:
+            return await connect(url)
+        except errors as exc:
+            if not remaining:
+                raise
+            log.warning("broker node %s not reachable (%s); trying the next", nodes.address, exc)
+    raise AssertionError("broker_nodes always gives at least one node")
+
+
+class _NodeRotatingConnection(RobustConnection):
+    """aio-pika's robust connection, whose every reconnect attempt goes to the next node.
+
+    aio-pika reconnects to the URL it was made with. The one step each attempt runs,
+    RobustConnection's private `__connect_transport`, is wrapped to point the connection at
+    the next node first: only the first attempt, which `connect_until_ready` made, keeps
+    the node it was given.
+    """
+
+    def __init__(self, nodes: BrokerNodes, url: str, **kwargs: Any) -> None:
+        attempt = getattr(RobustConnection, _CONNECT_TRANSPORT, None)
+        if not asyncio.iscoroutinefunction(attempt):
+            raise RuntimeError("aio-pika changed: RobustConnection.__connect_transport is gone")
+        super().__init__(URL(url), **kwargs)
+        self._attempt: Callable[[RobustConnection], Awaitable[None]] = attempt
+        self._nodes = nodes
+        self._attempts = 0
+
+    async def _attempt_on_the_next_node(self) -> None:
+        if self._attempts:
+            self.url = URL(self._nodes.take())
+            log.warning("broker connection reconnecting, to node %s", self._nodes.address)
+        self._attempts += 1
+        await self._attempt(self)
+
+    _RobustConnection__connect_transport = _attempt_on_the_next_node
+
+
+_CONNECT_TRANSPORT: Final = "_RobustConnection__connect_transport"
 
 
 async def connect_until_ready(
     url: str, connection_name: str, attempt_seconds: float, tls: ssl.SSLContext | None = None
 ) -> AbstractRobustConnection:
-    """A robust connection, retrying with backoff until the broker answers.
+    """A robust connection to one of url's nodes, retrying with backoff until one answers.
 
-    Once made, the connection reconnects by itself and restores its channels, exchanges,
-    queues and consumers. Whatever headers a delivered message carries, decoding them
-    cannot fail the connection (shared/field_tables.py).
+    Once made, the connection reconnects by itself, each attempt to the next node, and
+    restores its channels, exchanges, queues and consumers. Whatever headers a delivered
+    message carries, decoding them cannot fail the connection (shared/field_tables.py).
     """
     field_tables.install()
-    return await retry_until_connected(
-        lambda: aio_pika.connect_robust(
-            url,
-            timeout=attempt_seconds,
+    nodes = BrokerNodes(url)
+
+    async def connect(node_url: str) -> AbstractRobustConnection:
+        connection = _NodeRotatingConnection(
+            nodes,
+            node_url,
             reconnect_interval=RECONNECT_INTERVAL_SECONDS,
             client_properties={"connection_name": connection_name},
             ssl_context=tls,
-        ),
-        CONNECTION_EXCEPTIONS,
-    )
+        )
+        await connection.connect(timeout=attempt_seconds)
+        return connection
+
+    return await retry_until_connected(connect, CONNECTION_EXCEPTIONS, nodes)

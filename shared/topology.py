@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from typing import Final
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from pamqp.common import FieldTable
 
-from shared.broker import tls_context
+from shared.broker import BrokerNodes, connect_to_a_node, tls_context
 from shared.settings import Settings
 
 EXCHANGE: Final = "scores"
@@ -54,11 +55,22 @@ class Topology:
     dead_letter_queue: AbstractQueue
 
 
-async def declare_topology_once(settings: Settings, connect_timeout: float) -> None:
-    """Declare the topology through a connection of its own, closed afterwards."""
-    connection = await aio_pika.connect(
-        settings.amqp_url, timeout=connect_timeout, ssl_context=tls_context(settings)
-    )
+async def declare_topology_once(
+    settings: Settings, connect_timeout: float, node_url: str | None = None
+) -> None:
+    """Declare the topology through a connection of its own, closed afterwards: to node_url
+    (one node's URL, see shared/broker.py), else to the first of AMQP_URL's nodes that
+    answers."""
+    tls = tls_context(settings)
+
+    async def connect(url: str) -> AbstractConnection:
+        return await aio_pika.connect(url, timeout=connect_timeout, ssl_context=tls)
+
+    if node_url is None:
+        nodes = BrokerNodes(settings.amqp_url)
+        connection = await connect_to_a_node(connect, CONNECTION_EXCEPTIONS, nodes)
+    else:
+        connection = await connect(node_url)
     async with connection:
         await declare_topology(await connection.channel(), settings)
 

@@ -2,7 +2,8 @@
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -10,12 +11,22 @@ _MAX_REQUEST_LINE = 8192
 
 
 class HealthServer:
-    """Answers GET /healthz (alive), /readyz (ready() is true) and /metrics; nothing else."""
+    """Answers GET /healthz (alive), /readyz (ready() is true) and /metrics; nothing else.
 
-    def __init__(self, host: str, port: int, ready: Callable[[], Awaitable[bool]]) -> None:
+    /readyz's JSON body adds what details() gives (for people) to its status.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        ready: Callable[[], Awaitable[bool]],
+        details: Callable[[], Mapping[str, object]],
+    ) -> None:
         self._host = host
         self._requested_port = port
         self._ready = ready
+        self._details = details
         self._server: asyncio.Server | None = None
 
     @property
@@ -64,9 +75,10 @@ class HealthServer:
         if path == "/healthz":
             return "200 OK", "application/json", b'{"status":"ok"}'
         if path == "/readyz":
-            if await self._ready():
-                return "200 OK", "application/json", b'{"status":"ready"}'
-            return "503 Service Unavailable", "application/json", b'{"status":"not ready"}'
+            ready = await self._ready()
+            body = {"status": "ready" if ready else "not ready", **self._details()}
+            status = "200 OK" if ready else "503 Service Unavailable"
+            return status, "application/json", json.dumps(body).encode()
         if path == "/metrics":
             return "200 OK", CONTENT_TYPE_LATEST, generate_latest()
         return "404 Not Found", "application/json", b'{"detail":"not found"}'

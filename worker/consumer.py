@@ -38,7 +38,7 @@ from pamqp import commands as spec
 from pamqp.header import ContentHeader
 
 from shared import field_tables
-from shared.broker import tls_context
+from shared.broker import BrokerNodes, tls_context
 from shared.settings import Settings
 from worker._metrics import (
     CAUTIOUS,
@@ -155,6 +155,9 @@ class Consumer:
         self._settings = settings
         self._queue = queue
         self._deliver = deliver
+        # Each connection goes to the next of AMQP_URL's nodes: after a loss, not to the
+        # node just lost (shared/broker.py).
+        self._nodes = BrokerNodes(settings.amqp_url)
         self._budget = settings.worker_prefetch_bytes
         self._wanted = min(settings.worker_prefetch, _FIRST_WINDOW)
         self._fitted = False
@@ -179,6 +182,12 @@ class Consumer:
     def connected(self) -> bool:
         """Consuming: connected, subscribed, not reconnecting."""
         return self._connected.is_set()
+
+    @property
+    def broker(self) -> dict[str, str | bool | None]:
+        """For /readyz: the node (`host:port`) consumed from, or being tried, and whether
+        consuming."""
+        return {"node": self._nodes.address, "connected": self.connected}
 
     @property
     def window(self) -> int:
@@ -349,7 +358,7 @@ class Consumer:
         """A connection of its own and a channel on it, not consuming yet."""
         settings = self._settings
         connection = aiormq.Connection(
-            settings.amqp_url,
+            self._nodes.take(),
             context=tls_context(settings),
             client_properties={"connection_name": "score-ingest-worker"},
         )
@@ -379,7 +388,12 @@ class Consumer:
         self._subscription = subscription
         self._subscriptions.add(subscription)
         self._connected.set()
-        log.info("consuming %s with a window of %d", self._queue, subscription.window)
+        log.info(
+            "consuming %s from broker node %s with a window of %d",
+            self._queue,
+            self._nodes.address,
+            subscription.window,
+        )
 
     async def _consume(self, subscription: _Subscription, window: int) -> None:
         """Start a consumer with this window (a prefetch count applies to consumers started

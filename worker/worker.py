@@ -52,7 +52,10 @@ class ScoreWorker:
         self._pool: asyncpg.Pool | None = None
         self._pipeline: StorePipeline | None = None
         self._health = HealthServer(
-            settings.worker_health_host, settings.worker_health_port, self._is_ready
+            settings.worker_health_host,
+            settings.worker_health_port,
+            self._is_ready,
+            lambda: {"broker": self._consumer.broker},
         )
         self._consuming: asyncio.Task[None] | None = None
         self._chores: list[asyncio.Task[None]] = []
@@ -158,7 +161,12 @@ class ScoreWorker:
             asyncio.create_task(purge_expired_periodically(store, settings)),
             asyncio.create_task(poll_queue_depths_periodically(polling_channel)),
         ]
-        log.info("worker consuming %s", QUEUE, extra={"health_port": self._health.port})
+        log.info(
+            "worker consuming %s from broker node %s",
+            QUEUE,
+            self._consumer.broker["node"],
+            extra={"health_port": self._health.port},
+        )
         return self._pipeline
 
     async def _stop_consuming(self) -> None:

@@ -21,15 +21,18 @@ async def readyz(services: ServicesDep) -> JSONResponse:
 
     The database does not count: creates with cached keys need none, so taking every api
     out of the load balancer while PostgreSQL is down or busy would turn a partial outage
-    into a full one. The body shows each database budget's connections in use, for people.
+    into a full one. The body shows, for people, the broker node the publisher is connected
+    to (or trying) and each database budget's connections in use.
     """
+    publisher = services.publisher
     database = {
         bounded.name: {"in_use": bounded.in_use, "max": bounded.max_size}
         for bounded in (services.key_pool, services.pool, services.read_pool)
     }
-    if services.publisher.ready:
-        return JSONResponse({"status": "ready", "database": database})
-    return JSONResponse({"status": "broker unavailable", "database": database}, status_code=503)
+    body = {"broker": publisher.broker, "database": database}
+    if publisher.ready:
+        return JSONResponse({"status": "ready", **body})
+    return JSONResponse({"status": "broker unavailable", **body}, status_code=503)
 
 
 @router.get("/metrics")

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.broker import broker_nodes, node_address
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, serving
 from tests.support.tcp_proxy import TcpProxy
@@ -40,7 +41,9 @@ async def scrape(client: httpx.AsyncClient) -> Samples:
     return parse_samples(response.text)
 
 
-async def test_healthz_and_readyz_need_no_credentials(client: httpx.AsyncClient) -> None:
+async def test_healthz_and_readyz_need_no_credentials(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
     alive = await client.get("/healthz")
     assert alive.status_code == 200
     assert alive.json() == {"status": "ok"}
@@ -49,6 +52,7 @@ async def test_healthz_and_readyz_need_no_credentials(client: httpx.AsyncClient)
     assert ready.status_code == 200
     assert ready.json() == {
         "status": "ready",
+        "broker": {"node": node_address(broker_nodes(settings.amqp_url)[0]), "connected": True},
         "database": {
             "keys": {"in_use": 0, "max": 4},
             "writes": {"in_use": 0, "max": 10},

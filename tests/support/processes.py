@@ -15,6 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -22,7 +23,9 @@ from typing import Any, Self
 import aio_pika
 import httpx
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from shared.broker import BrokerNodes, connect_to_a_node
 from shared.contract import ScoreMessage
 from shared.ids import new_score_id
 from shared.settings import Settings
@@ -395,8 +398,11 @@ class Broker:
 
 @contextlib.asynccontextmanager
 async def connect_broker(settings: Settings) -> AsyncIterator[Broker]:
-    """A Broker on its own connection to the settings' vhost, with the topology declared."""
-    connection = await aio_pika.connect(settings.amqp_url, timeout=10)
+    """A Broker on its own connection to the settings' vhost (the first of its nodes that
+    answers), with the topology declared."""
+    connection = await connect_to_a_node(
+        partial(aio_pika.connect, timeout=10), CONNECTION_EXCEPTIONS, BrokerNodes(settings.amqp_url)
+    )
     async with connection:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_topology(channel, settings)

@@ -9,6 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from shared.broker import broker_nodes, node_address
 from shared.contract import CONTENT_TYPE
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE
@@ -72,7 +73,10 @@ async def test_healthz_and_readyz_while_connected(settings: Settings) -> None:
 
         ready = await get(worker, "/readyz?verbose=1")
         assert ready.status_code == 200
-        assert ready.json() == {"status": "ready"}
+        assert ready.json() == {
+            "status": "ready",
+            "broker": {"node": node_address(broker_nodes(settings.amqp_url)[0]), "connected": True},
+        }
 
         for path in ("/", "/nope", "/healthz/extra", "/metricsz"):
             assert (await get(worker, path)).status_code == 404, path
@@ -92,7 +96,7 @@ async def test_readyz_is_503_while_postgres_is_unreachable(settings: Settings) -
             await proxy.cut()
             await wait_for_status(worker, "/readyz", 503, timeout=10)
             not_ready = await get(worker, "/readyz")
-            assert not_ready.json() == {"status": "not ready"}
+            assert not_ready.json()["status"] == "not ready"
             assert (await get(worker, "/healthz")).status_code == 200, "alive all the same"
 
             await proxy.restore()

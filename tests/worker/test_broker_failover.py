@@ -1,0 +1,147 @@
+"""An AMQP_URL listing several nodes: the worker consumes from one, and moves on when it goes.
+
+The nodes are the machine's RabbitMQ under other addresses: a port nothing listens on (a
+node that is down), or TcpProxies whose connections the tests drop (a node that goes away).
+"""
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+import pytest
+from aio_pika import RobustConnection
+
+from shared.broker import broker_nodes, connect_until_ready, node_address
+from shared.settings import Settings
+from tests.conftest import wait_for_count
+from tests.support.processes import connect_broker, free_port, running_worker, score_message
+from tests.support.tcp_proxy import TcpProxy
+from worker.worker import ScoreWorker
+
+COUNT_STORED = "SELECT count(*) FROM scores WHERE score_id = ANY($1::uuid[])"
+MOVE_SECONDS = 15.0
+
+
+def listing(url: str, *addresses: str) -> str:
+    """url, with its node replaced by these `host:port` nodes, in this order."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{','.join(addresses)}"))
+
+
+def through(proxy: TcpProxy) -> str:
+    """The address of a proxy, as a node of AMQP_URL."""
+    return f"127.0.0.1:{proxy.port}"
+
+
+def drop_connections(proxy: TcpProxy) -> None:
+    """Drop every connection through the proxy, which still takes new ones: a node that
+    lost its clients (a restart, a partition it came back from) and answers again."""
+    for writer in list(proxy._writers):
+        writer.transport.abort()
+
+
+async def wait_for_readyz(
+    worker: ScoreWorker, holds: Callable[[httpx.Response], bool], what: str
+) -> httpx.Response:
+    """Poll the worker's /readyz until its answer holds; returns that answer."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + MOVE_SECONDS
+    base_url = f"http://127.0.0.1:{worker.health_port}"
+    async with httpx.AsyncClient(base_url=base_url, timeout=5) as client:
+        while not holds(response := await client.get("/readyz")):
+            assert loop.time() < deadline, f"{what}: /readyz is still {response.text}"
+            await asyncio.sleep(0.05)
+    return response
+
+
+def consuming_from(node: str) -> Callable[[httpx.Response], bool]:
+    """Whether /readyz says ready, consuming from this node."""
+
+    def holds(response: httpx.Response) -> bool:
+        body: dict[str, Any] = response.json()
+        return response.status_code == 200 and body["broker"] == {"node": node, "connected": True}
+
+    return holds
+
+
+async def assert_stores_a_score(settings: Settings, db: asyncpg.Connection) -> None:
+    """Publish a score straight to the broker; the worker stores it."""
+    score = score_message()
+    async with connect_broker(settings) as broker:
+        await broker.publish_scores([score])
+    ids = [score.score_id]
+    assert await wait_for_count(db, COUNT_STORED, 1, ids, timeout=MOVE_SECONDS) == 1
+
+
+async def test_the_worker_skips_a_node_that_is_down(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    real = node_address(broker_nodes(settings.amqp_url)[0])
+    down = f"127.0.0.1:{free_port()}"
+    several = settings.model_copy(update={"amqp_url": listing(settings.amqp_url, down, real)})
+
+    async with running_worker(several) as worker:
+        await wait_for_readyz(worker, consuming_from(real), f"consuming from {real}")
+        await assert_stores_a_score(settings, db)
+
+
+async def test_the_worker_moves_to_the_next_node_when_its_node_goes_away(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async with (
+        TcpProxy.for_url(settings.amqp_url) as first,
+        TcpProxy.for_url(settings.amqp_url) as second,
+    ):
+        nodes = listing(settings.amqp_url, through(first), through(second))
+        several = settings.model_copy(update={"amqp_url": nodes})
+        async with running_worker(several) as worker:
+            await wait_for_readyz(worker, consuming_from(through(first)), "consuming")
+            await assert_stores_a_score(settings, db)
+
+            # The node still takes connections: the worker must go to the next one all the
+            # same, not back to the node it just lost.
+            drop_connections(first)
+            await wait_for_readyz(worker, consuming_from(through(second)), "moved")
+            await assert_stores_a_score(settings, db)
+
+            await first.cut()
+            await second.cut()
+            gone = await wait_for_readyz(
+                worker, lambda response: not response.json()["broker"]["connected"], "gone"
+            )
+            assert gone.status_code == 503
+            assert gone.json()["broker"]["node"] in {through(first), through(second)}
+
+
+async def test_a_robust_connection_reconnects_to_the_next_node(settings: Settings) -> None:
+    async with (
+        TcpProxy.for_url(settings.amqp_url) as first,
+        TcpProxy.for_url(settings.amqp_url) as second,
+    ):
+        nodes = listing(settings.amqp_url, through(first), through(second))
+        connection = await connect_until_ready(nodes, "test", attempt_seconds=5)
+        assert isinstance(connection, RobustConnection)
+        try:
+            assert connection.url.port == first.port
+            channel = await connection.channel()
+
+            drop_connections(first)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + MOVE_SECONDS
+            while not (connection.connected.is_set() and connection.url.port == second.port):
+                assert loop.time() < deadline, f"still on {connection.url.port}"
+                await asyncio.sleep(0.05)
+            # Its channels came back with it.
+            queue = await channel.declare_queue(exclusive=True)
+            assert queue.name
+        finally:
+            await connection.close()
+
+
+def test_the_worker_refuses_a_node_list_it_cannot_read() -> None:
+    with pytest.raises(ValueError, match="AMQP_URL lists a node with no host: ''"):
+        ScoreWorker(Settings(amqp_url="amqp://guest:guest@10.1.0.1:5672,,10.1.0.2:5672/"))
