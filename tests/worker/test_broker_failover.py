@@ -1,13 +1,14 @@
 """An AMQP_URL listing several nodes: the worker consumes from one, and moves on when it goes.
 
 The nodes are the machine's RabbitMQ under other addresses: a port nothing listens on (a
-node that is down), or TcpProxies whose connections the tests drop (a node that goes away).
+node that is down), or TcpProxies whose connections the tests drop (a node that goes away);
+and, to be stopped, a node of the test's own beside it (the api moves on with the worker).
 """
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -16,12 +17,14 @@ from aio_pika import RobustConnection
 
 from shared.broker import broker_nodes, connect_until_ready, node_address
 from shared.settings import Settings
-from tests.conftest import wait_for_count
+from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, serving, wait_for_count
 from tests.support.processes import connect_broker, free_port, running_worker, score_message
+from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
 from tests.support.tcp_proxy import TcpProxy
 from worker.worker import ScoreWorker
 
 COUNT_STORED = "SELECT count(*) FROM scores WHERE score_id = ANY($1::uuid[])"
+SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
 MOVE_SECONDS = 15.0
 
 
@@ -140,6 +143,46 @@ async def test_a_robust_connection_reconnects_to_the_next_node(settings: Setting
             assert queue.name
         finally:
             await connection.close()
+
+
+@pytest.fixture
+def own_node(settings: Settings) -> Iterator[RabbitMQNode]:
+    """A node of this test's own, with a vhost of the same name as the session's."""
+    with rabbitmq_node() as node:
+        vhost = unquote(urlsplit(settings.amqp_url).path[1:]) or "/"
+        node.ctl_sync("add_vhost", vhost)
+        node.ctl_sync("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+        yield node
+
+
+async def test_the_api_and_the_worker_move_on_when_their_node_stops(
+    settings: Settings, own_node: RabbitMQNode, db: asyncpg.Connection, api_key: str
+) -> None:
+    stopping = f"127.0.0.1:{own_node.amqp_port}"
+    real = node_address(broker_nodes(settings.amqp_url)[0])
+    several = settings.model_copy(update={"amqp_url": listing(settings.amqp_url, stopping, real)})
+    headers = basic_auth(api_key)
+
+    async with serving(several) as client, running_worker(several) as worker:
+        assert (await client.get("/readyz")).json()["broker"]["node"] == stopping
+        await wait_for_readyz(worker, consuming_from(stopping), f"consuming from {stopping}")
+        before = await client.post(SCORES_PATH, json=score_body(), headers=headers)
+        assert before.status_code == 200, before.text
+        assert await wait_for_count(db, COUNT_STORED, 1, [before.json()["score_id"]]) == 1
+
+        await own_node.stop_app()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + MOVE_SECONDS
+        while (
+            after := await client.post(SCORES_PATH, json=score_body(), headers=headers)
+        ).status_code != 200:
+            assert after.status_code == 503, after.text
+            assert loop.time() < deadline, f"still 503 after {MOVE_SECONDS}s: {after.text}"
+            await asyncio.sleep(0.1)
+        assert (await client.get("/readyz")).json()["broker"] == {"node": real, "connected": True}
+        await wait_for_readyz(worker, consuming_from(real), f"consuming from {real}")
+        stored = [after.json()["score_id"]]
+        assert await wait_for_count(db, COUNT_STORED, 1, stored, timeout=MOVE_SECONDS) == 1
 
 
 def test_the_worker_refuses_a_node_list_it_cannot_read() -> None:
