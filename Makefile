@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: install install-runtime run test test-unit lint format bench schema image up clean
+.PHONY: install install-runtime run test test-unit lint format bench chaos schema image up clean
 
 # `make run` needs only the service's own dependencies; everything else needs the dev tools.
 install-runtime: $(RUNTIME)
@@ -58,6 +58,12 @@ bench: install-runtime
 	@command -v wrk >/dev/null 2>&1 || { [ "$$(id -u)" -eq 0 ] && apt-get update -qq && apt-get install -y -qq wrk; } || { echo "make bench needs wrk: run apt-get install -y wrk as root" >&2; exit 1; }
 	$(BIN)/python -m pip install --quiet -r bench/requirements.txt
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Faults under load on a cluster of real nodes (chaos/run.py): 3 RabbitMQ nodes in network
+# namespaces and a PostgreSQL pair, so it runs as root. `make chaos SEED=3 DURATION=30` repeats
+# a run's faults (which node, when); CHAOS_ARGS passes more (--scenario NAME, --json PATH).
+chaos: install
+	$(BIN)/python -m chaos.run $(if $(SEED),--seed $(SEED)) $(if $(DURATION),--duration $(DURATION)) $(CHAOS_ARGS)
 
 schema: install
 	$(BIN)/score-ingest schema > shared/score-message.schema.json
