@@ -3,7 +3,8 @@
 A 200 means the score is safe: so, once every 200'd score had time to arrive, none may be
 missing (lost), none stored twice under two ids (duplicated: two rows for one marker), none
 dead-lettered; and clients may go without a 200 for at most GAP_TARGET_BROKER_SECONDS while a
-broker node is lost, GAP_TARGET_DATABASE_SECONDS while the database fails over.
+broker node is lost, GAP_TARGET_DATABASE_SECONDS while the database fails over. A fault is
+no reason for any answer but a 200 or a 503 (a dropped connection is retried like a 503).
 """
 
 import asyncio
@@ -81,6 +82,8 @@ class ScenarioResult:
             missed.append(f"{self.duplicated} scores were stored twice")
         if self.dead_lettered:
             missed.append(f"{self.dead_lettered} messages were dead-lettered")
+        if unexpected := sum(n for what, n in self.other.items() if what.startswith("status")):
+            missed.append(f"{unexpected} answers were neither 200 nor 503")
         if self.longest_gap > self.gap_target:
             missed.append(f"no 200 for {self.longest_gap:.1f}s (target {self.gap_target:.0f}s)")
         return missed

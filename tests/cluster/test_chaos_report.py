@@ -62,6 +62,7 @@ def test_a_result_on_its_targets_misses_none() -> None:
         ({"dead_lettered": 3}, "3 messages were dead-lettered"),
         ({"longest_gap": GAP_TARGET_BROKER_SECONDS + 0.1}, "no 200 for 10.1s (target 10s)"),
         ({"ok": 0}, "no request was answered 200"),
+        ({"other": {"status 500": 2, "ReadError": 3}}, "2 answers were neither 200 nor 503"),
         ({"fault_failed": "the fault failed: boom"}, "the fault failed: boom"),
     ],
 )
@@ -71,6 +72,10 @@ def test_each_missed_target_is_said(change: dict[str, object], said: str) -> Non
     document = as_json([MET, result], seed=1, duration=20.0)
     assert document["passed"] is False
     assert document["scenarios"][1]["failures"] == [said]
+
+
+def test_a_dropped_connection_is_no_missed_target() -> None:
+    assert dataclasses.replace(MET, other={"ConnectError": 4, "ReadError": 1}).failures == []
 
 
 def test_the_database_failover_may_go_longer_without_a_200() -> None:
