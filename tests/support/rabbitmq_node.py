@@ -193,7 +193,7 @@ def rabbitmq_node(tls: NodeTls | None = None) -> Iterator[RabbitMQNode]:
     loop. The node is stopped (failing that, killed) and its directory removed however the
     test ends.
     """
-    account = _account()
+    account = rabbitmq_account()
     name = f"score-ingest-test-{uuid.uuid4().hex[:8]}@localhost"
     amqp_port = free_port()
     directory = Path(tempfile.mkdtemp(prefix="score-ingest-rabbitmq-"))
@@ -205,7 +205,7 @@ def rabbitmq_node(tls: NodeTls | None = None) -> Iterator[RabbitMQNode]:
         if tls is not None:
             config += _tls_config(node, tls)
         (directory / "node.conf").write_text(config)
-        _chown_tree(directory, account)
+        chown_tree(directory, account)
         with (directory / "server.out").open("wb") as out:
             process = subprocess.Popen(
                 [RABBITMQ_SERVER],
@@ -245,8 +245,8 @@ def _tls_config(node: RabbitMQNode, tls: NodeTls) -> str:
     )
 
 
-def _account() -> pwd.struct_passwd:
-    """The account the node runs under: `rabbitmq`, which only root (or it) can start."""
+def rabbitmq_account() -> pwd.struct_passwd:
+    """The account nodes run under: `rabbitmq`, which only root (or it) can start."""
     account = pwd.getpwnam(RABBITMQ_USER)
     if os.geteuid() not in (0, account.pw_uid):
         raise RuntimeError(
@@ -256,7 +256,8 @@ def _account() -> pwd.struct_passwd:
     return account
 
 
-def _chown_tree(directory: Path, account: pwd.struct_passwd) -> None:
+def chown_tree(directory: Path, account: pwd.struct_passwd) -> None:
+    """Give the directory and everything in it to the account, so that a node can write there."""
     for path in [directory, *directory.rglob("*")]:
         os.chown(path, account.pw_uid, account.pw_gid)
 
