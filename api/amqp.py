@@ -483,7 +483,9 @@ class ConfirmingPublisher(asyncio.Protocol):
             self._settle(
                 method.delivery_tag,
                 method.multiple,
-                PublishFailed("refused", "message broker refused the message (queue full)"),
+                PublishFailed(
+                    "refused", "message broker refused the message (queue full or unavailable)"
+                ),
             )
         elif isinstance(method, commands.Basic.Return):
             self._returning = (method.exchange, method.routing_key or "")

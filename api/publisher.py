@@ -43,6 +43,17 @@ SCORE_PROPERTIES = MessageProperties(CONTENT_TYPE, MESSAGE_TYPE, APP_ID)
 BATCH_PROPERTIES = MessageProperties(CONTENT_TYPE, BATCH_MESSAGE_TYPE, APP_ID)
 # What a connect attempt raises while the broker is down or still starting.
 _UNREACHABLE = (OSError, TimeoutError, PublishFailed, *CONNECTION_EXCEPTIONS)
+# A connection whose publishes are nacked, and that has confirmed nothing for STUCK_SECONDS
+# (since it opened, or since its last confirm), is replaced by one to the next node. On
+# RabbitMQ 3.10, while the node leading scores.persist is cut off from the others, a channel
+# whose first publish comes before the others have noticed (net_ticktime: 15-25 s with 20 s,
+# 45-75 s with the default 60 s) is never told of the next leader: its publishes go
+# unconfirmed until then, and are nacked from then on until the partition heals, while a new
+# channel is confirmed at once. (A connection to a node cut off from the others is left to
+# itself: it closes when the node pauses, at about the same time.) STUCK_SECONDS keeps a full
+# queue, which nacks every publish (x-overflow reject-publish), to one reconnect per that
+# many seconds.
+STUCK_SECONDS = 3.0
 
 # The fields of a ScoreMessage, as the api builds them (see api.service.score_message).
 MessageFields = dict[str, Any]
@@ -60,7 +71,8 @@ class ScorePublisher:
     connection is up, and while the broker blocks publishers, publishes fail at once (503).
     Each connection goes to the next of AMQP_URL's nodes (shared/broker.py): after a loss,
     not to the node just lost. A publish is made on one connection and fails with it, so
-    none is sent again on the next.
+    none is sent again on the next. A connection whose publishes are nacked while it has
+    confirmed nothing for STUCK_SECONDS is replaced too: after a partition it can be stuck.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -76,6 +88,10 @@ class ScorePublisher:
         self._settings = settings
         self._connection: ConfirmingPublisher | None = None
         self._connected = asyncio.Event()
+        # When the connection opened or last confirmed a publish (time.perf_counter).
+        self._confirmed_at = 0.0
+        # Resolved, with why, when the connection is stuck: it is then replaced.
+        self._stuck: asyncio.Future[str] | None = None
         self._keeping: asyncio.Task[None] | None = None
         self._gathered: list[tuple[_Encoded, asyncio.Future[None]]] = []
         self._gathered_bytes = 0  # of their JSON, commas and batch framing not counted
@@ -103,23 +119,38 @@ class ScorePublisher:
         return {"node": self._nodes.address, "connected": connected}
 
     async def _keep_connected(self) -> None:
+        declare = True
         while True:
             try:
-                connection = await retry_until_connected(self._connect, _UNREACHABLE, self._nodes)
+                connection = await retry_until_connected(
+                    partial(self._connect, declare=declare), _UNREACHABLE, self._nodes
+                )
             except Exception:
                 # Typically PRECONDITION_FAILED: scores.persist exists with other arguments.
                 log.exception("publisher cannot set up the broker topology")
                 await asyncio.sleep(MAX_BACKOFF_SECONDS)
                 continue
-            self._connection = connection
+            self._connection, self._confirmed_at = connection, time.perf_counter()
+            stuck = self._stuck = asyncio.get_running_loop().create_future()
             self._connected.set()
             node = self._nodes.address
             log.info("publisher connected to broker node %s", node)
-            await asyncio.shield(connection.closed)
+            await asyncio.wait((connection.closed, stuck), return_when=asyncio.FIRST_COMPLETED)
             self._connected.clear()
-            log.warning("publisher lost broker node %s; reconnecting", node)
+            # A stuck connection's publishes reached the queue: the topology is there, and
+            # declaring it again could wait as long as a partition lasts.
+            declare = connection.closed.done()
+            if declare:
+                log.warning("publisher lost broker node %s; reconnecting", node)
+            else:
+                log.warning(
+                    "publisher leaves broker node %s, stuck (%s); connecting to the next node",
+                    node,
+                    stuck.result(),
+                )
+                await connection.close()
 
-    async def _connect(self, node_url: str) -> ConfirmingPublisher:
+    async def _connect(self, node_url: str, *, declare: bool) -> ConfirmingPublisher:
         settings = self._settings
         # Connected first, so that a broker that cannot be reached, trusted or logged in to
         # is reported by our client, which says why.
@@ -130,9 +161,11 @@ class ScorePublisher:
             publish_timeout=settings.publish_timeout_seconds,
             tls=self._tls,
         )
-        # The topology is declared on each (re)connect, through a short aio-pika connection
-        # to the same node: declaring is rare, and it keeps one definition of the topology
-        # for every process.
+        # The topology is declared on each (re)connect but a stuck connection's replacement,
+        # through a short aio-pika connection to the same node: declaring is rare, and it
+        # keeps one definition of the topology for every process.
+        if not declare:
+            return connection
         try:
             await declare_topology_once(settings, settings.publish_timeout_seconds, node_url)
         except BaseException:
@@ -229,7 +262,40 @@ class ScorePublisher:
         except PublishFailed as exc:
             confirm = asyncio.get_running_loop().create_future()
             confirm.set_exception(exc)
-        confirm.add_done_callback(partial(_pass_on, outcomes, started))
+        confirm.add_done_callback(partial(self._pass_on, outcomes, started))
+
+    def _pass_on(
+        self, outcomes: list[asyncio.Future[None]], started: float, confirm: asyncio.Future[None]
+    ) -> None:
+        """Hand a message's confirm (or its failure) to every request whose score it holds."""
+        error = (
+            PublishFailed("unavailable", "the publish was cancelled")
+            if confirm.cancelled()
+            else confirm.exception()
+        )
+        if error is None:
+            self._confirmed_at = now = time.perf_counter()
+            PUBLISH_CONFIRM_SECONDS.observe(now - started)
+        else:
+            reason = getattr(error, "reason", "unavailable")
+            PUBLISH_FAILURES.labels(reason).inc()
+            if reason == "refused":
+                self._check_stuck()
+        for outcome in outcomes:
+            if outcome.done():  # its request is gone (the client disconnected)
+                continue
+            if error is None:
+                outcome.set_result(None)
+            else:
+                outcome.set_exception(error)
+
+    def _check_stuck(self) -> None:
+        """After a nack: have _keep_connected replace the connection if it has confirmed
+        nothing for STUCK_SECONDS."""
+        stuck = self._stuck
+        quiet = time.perf_counter() - self._confirmed_at
+        if stuck is not None and not stuck.done() and quiet >= STUCK_SECONDS:
+            stuck.set_result(f"publishes nacked, nothing confirmed for {quiet:.0f} s")
 
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
@@ -271,25 +337,3 @@ async def _all_confirmed(outcomes: list[asyncio.Future[None]]) -> None:
     for result in results:
         if isinstance(result, BaseException):
             raise result
-
-
-def _pass_on(
-    outcomes: list[asyncio.Future[None]], started: float, confirm: asyncio.Future[None]
-) -> None:
-    """Hand a message's confirm (or its failure) to every request whose score it holds."""
-    error = (
-        PublishFailed("unavailable", "the publish was cancelled")
-        if confirm.cancelled()
-        else confirm.exception()
-    )
-    if error is None:
-        PUBLISH_CONFIRM_SECONDS.observe(time.perf_counter() - started)
-    else:
-        PUBLISH_FAILURES.labels(getattr(error, "reason", "unavailable")).inc()
-    for outcome in outcomes:
-        if outcome.done():  # its request is gone (the client disconnected)
-            continue
-        if error is None:
-            outcome.set_result(None)
-        else:
-            outcome.set_exception(error)

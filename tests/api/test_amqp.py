@@ -4,16 +4,20 @@ Every test declares exchanges and queues of its own, uniquely named, in the sess
 (with aio-pika, which also reads back what arrived) and deletes them afterwards. Faults of
 the link come from proxies between the publisher and the broker: TcpProxy (latency, cut)
 and GatedProxy below (holds back whatever the broker sends). The resource alarm needs a
-RabbitMQ node of this module's own: the machine's node is shared.
+RabbitMQ node of this module's own: the machine's node is shared. The last tests run the
+api's ScorePublisher (api/publisher.py) on scores.persist in a vhost of their own, to see
+how it treats a connection whose publishes are nacked.
 """
 
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import struct
 import uuid
 import warnings
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from types import TracebackType
@@ -29,6 +33,7 @@ from pamqp import commands, frame
 from pamqp.base import Frame
 from pamqp.header import ContentHeader
 
+import api.publisher
 from api.amqp import (
     AmqpAddress,
     ConfirmingPublisher,
@@ -38,9 +43,13 @@ from api.amqp import (
     encode_header,
     parse_amqp_url,
 )
+from api.errors import BrokerUnavailable
+from api.publisher import ScorePublisher
 from shared.settings import Settings
+from shared.topology import QUEUE
 from tests.support.processes import CliProcess, free_port
 from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
+from tests.support.services import VhostFactory
 from tests.support.tcp_proxy import TcpProxy
 
 PROPERTIES = MessageProperties("application/json", "amqp-test.v1", "amqp-tests")
@@ -1214,3 +1223,114 @@ async def test_a_connection_start_sent_before_the_client_asks_is_not_lost() -> N
     received = await asyncio.wait_for(publisher._expect(commands.Connection.Start), 2)
 
     assert isinstance(received, commands.Connection.Start)
+
+
+# 13. The api's ScorePublisher on a connection whose publishes are nacked
+
+# In place of STUCK_SECONDS (3 s), so that a storm would show within a short run.
+STUCK_SECONDS_HERE = 0.5
+NACKING_SECONDS = 2.6
+DRAIN_EVERY_SECONDS = 0.1
+
+
+async def publish_score(publisher: ScorePublisher) -> str | None:
+    """Publish one score's fields; None when confirmed, else the PublishFailed reason."""
+    try:
+        await publisher.publish_scores([{"score_id": str(uuid.uuid4()), "value": 1}])
+    except BrokerUnavailable as exc:
+        cause = exc.__cause__
+        return cause.reason if isinstance(cause, PublishFailed) else repr(cause)
+    return None
+
+
+def full_queue_vhost(vhosts: VhostFactory | str) -> str:
+    """A vhost of the test's own: scores.persist is declared there with x-max-length 1."""
+    if not isinstance(vhosts, VhostFactory):
+        pytest.fail("needs a vhost of its own (for x-max-length 1): unset TEST_AMQP_URL")
+    return vhosts.create()
+
+
+@contextlib.asynccontextmanager
+async def publisher_on_a_full_queue(
+    settings: Settings, url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[ScorePublisher]:
+    """A connected ScorePublisher whose scores.persist, at url, is full: publishes are nacked."""
+    monkeypatch.setattr(api.publisher, "STUCK_SECONDS", STUCK_SECONDS_HERE)
+    publisher = ScorePublisher(settings.model_copy(update={"amqp_url": url, "queue_max_length": 1}))
+    publisher.start()
+    try:
+        await asyncio.wait_for(publisher.wait_ready(), 10)
+        # A quorum queue keeps the publish that takes it over its limit.
+        assert [await publish_score(publisher) for _ in range(3)] == [None, None, "refused"]
+        yield publisher
+    finally:
+        await publisher.close()
+
+
+async def publish_for(publisher: ScorePublisher, seconds: float) -> Counter[str | None]:
+    """Publish scores one after the other for that long; how many got each outcome."""
+    loop = asyncio.get_running_loop()
+    outcomes: Counter[str | None] = Counter()
+    deadline = loop.time() + seconds
+    while loop.time() < deadline:
+        outcomes[await publish_score(publisher)] += 1
+        await asyncio.sleep(0.005)
+    return outcomes
+
+
+def replacements(caplog: pytest.LogCaptureFixture) -> int:
+    """How many times the publisher left a node as stuck."""
+    return sum(
+        record.getMessage().startswith("publisher leaves broker node") for record in caplog.records
+    )
+
+
+async def test_a_score_publisher_nacked_throughout_reconnects_once_per_stuck_period_not_per_nack(
+    settings: Settings,
+    vhosts: VhostFactory | str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="api.publisher")
+    url = full_queue_vhost(vhosts)
+    async with publisher_on_a_full_queue(settings, url, monkeypatch) as publisher:
+        outcomes = await publish_for(publisher, NACKING_SECONDS)
+        await asyncio.wait_for(publisher.wait_ready(), 10)
+    # Refused by the broker, or at once while the connection is being replaced.
+    assert set(outcomes) <= {"refused", "unavailable"}, outcomes
+    assert outcomes["refused"] > 10 * NACKING_SECONDS / STUCK_SECONDS_HERE, outcomes
+    # A connection that gets only nacks is replaced (that cures a channel stuck by a
+    # partition), but each new one is given STUCK_SECONDS: a full queue is no reconnect storm.
+    assert 1 <= replacements(caplog) <= NACKING_SECONDS / STUCK_SECONDS_HERE + 1
+
+
+async def test_a_score_publisher_whose_nacks_come_between_confirms_keeps_its_connection(
+    settings: Settings,
+    vhosts: VhostFactory | str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="api.publisher")
+    url = full_queue_vhost(vhosts)
+    connection = await aio_pika.connect(url, timeout=10)
+    async with (
+        connection,
+        publisher_on_a_full_queue(settings, url, monkeypatch) as publisher,
+    ):
+        queue = await (await connection.channel()).get_queue(QUEUE)
+
+        async def drain_slowly() -> None:
+            while True:
+                await queue.get(no_ack=True, fail=False)
+                await asyncio.sleep(DRAIN_EVERY_SECONDS)
+
+        draining = asyncio.create_task(drain_slowly())
+        try:
+            outcomes = await publish_for(publisher, NACKING_SECONDS)
+        finally:
+            draining.cancel()
+    # Each message taken off makes room for one: most publishes are nacked, but some are
+    # confirmed more often than every STUCK_SECONDS, so the connection is not stuck.
+    assert outcomes["refused"] > outcomes[None] > NACKING_SECONDS / STUCK_SECONDS_HERE, outcomes
+    assert set(outcomes) == {None, "refused"}, outcomes
+    assert replacements(caplog) == 0
