@@ -48,6 +48,10 @@ class LoadRecord:
     accepted: dict[str, str] = field(default_factory=dict)
     # The time (event loop clock) of each 200, in order.
     ok_times: list[float] = field(default_factory=list)
+    # Per api, in the order given: the longest time from sending a request it answered 503 (or
+    # dropped) to its next 200 (or to the stop). A client moves to the other api after a 503,
+    # which hides an api that keeps answering 503 from the longest gap with no 200 at all.
+    longest_unavailable: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,9 @@ class ChaosLoad:
         self._batch_size = batch_size
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self.record = LoadRecord()
+        # Per api: since when its answers have been other than 200 (None: its last was a 200).
+        self._unavailable_since: list[float | None] = [None] * len(api_urls)
+        self.record = LoadRecord(longest_unavailable=[0.0] * len(api_urls))
 
     async def __aenter__(self) -> Self:
         self.record.started = asyncio.get_running_loop().time()
@@ -101,6 +107,8 @@ class ChaosLoad:
         if not self._stopping.is_set():
             self._stopping.set()
             self.record.stopped = asyncio.get_running_loop().time()
+            for index in range(len(self._apis)):
+                self._answered(index, True, self.record.stopped)
             try:
                 await asyncio.gather(*self._tasks)
             finally:
@@ -136,9 +144,12 @@ class ChaosLoad:
         headers = {**self._headers, "Idempotency-Key": request.key}
         backoff = FIRST_BACKOFF_SECONDS
         for attempt in itertools.count():
-            api = self._apis[(first_api + attempt) % len(self._apis)]
+            api = (first_api + attempt) % len(self._apis)
             self.record.attempts += 1
-            retry_after = await self._post(api, request, headers)
+            sent = asyncio.get_running_loop().time()
+            retry_after = await self._post(self._apis[api], request, headers)
+            if not self._stopping.is_set():
+                self._answered(api, retry_after is None, sent)
             if retry_after is None:
                 return
             if self._stopping.is_set():
@@ -167,6 +178,18 @@ class ChaosLoad:
         # Anything else is a bug the report shows; retrying it would only repeat it.
         self.record.other[f"status {response.status_code}"] += 1
         return None
+
+    def _answered(self, api: int, ok: bool, sent: float) -> None:
+        """Note an answer of api to a request sent then (ok: a 200, or a refusal no retry
+        changes)."""
+        since = self._unavailable_since[api]
+        if not ok:
+            self._unavailable_since[api] = sent if since is None else since
+        elif since is not None:
+            now = asyncio.get_running_loop().time()
+            longest = self.record.longest_unavailable
+            longest[api] = max(longest[api], now - since)
+            self._unavailable_since[api] = None
 
     def _accept(self, request: _Request, answer: dict[str, Any]) -> None:
         ids = answer["score_ids"] if "score_ids" in answer else [answer["score_id"]]

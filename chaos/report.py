@@ -69,6 +69,8 @@ class ScenarioResult:
     gap_target: float
     fault_failed: str | None = None
     lost_ids: list[str] = field(default_factory=list)
+    # Per api: the longest time it answered nothing but 503s (chaos/load.py), not a target.
+    api_unavailable: list[float] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
@@ -129,6 +131,7 @@ async def measure(
         gap_target=gap_target,
         fault_failed=fault_failed,
         lost_ids=sorted(missing)[:20],
+        api_unavailable=[round(seconds, 2) for seconds in record.longest_unavailable],
     )
 
 
@@ -200,6 +203,7 @@ def table(results: Sequence[ScenarioResult]) -> Table:
         "dup",
         "dead",
         "gap s",
+        "api 503s s",
         "result",
     ):
         grid.add_column(column, justify="left" if column in ("scenario", "result") else "right")
@@ -216,6 +220,7 @@ def table(results: Sequence[ScenarioResult]) -> Table:
             str(result.duplicated),
             str(result.dead_lettered),
             f"{result.longest_gap:.1f}/{result.gap_target:.0f}",
+            "/".join(f"{seconds:.1f}" for seconds in result.api_unavailable),
             "[green]ok[/]" if not result.failures else "[red]" + "; ".join(result.failures) + "[/]",
         )
     return grid
