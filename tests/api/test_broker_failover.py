@@ -7,7 +7,6 @@ node that is down), or TcpProxies the tests cut (a node that goes away).
 import asyncio
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -16,29 +15,11 @@ from shared.settings import Settings
 from shared.topology import QUEUE
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, serving
 from tests.support.processes import CliProcess, connect_broker, free_port
+from tests.support.services import with_nodes
 from tests.support.tcp_proxy import TcpProxy
 
 SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
 MOVE_SECONDS = 10.0
-
-
-def listing(url: str, *addresses: str) -> str:
-    """url, with its node replaced by these `host:port` nodes, in this order."""
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    return urlunsplit(parts._replace(netloc=f"{credentials}@{','.join(addresses)}"))
-
-
-def through(proxy: TcpProxy) -> str:
-    """The address of a proxy, as a node of AMQP_URL."""
-    return f"127.0.0.1:{proxy.port}"
-
-
-def drop_connections(proxy: TcpProxy) -> None:
-    """Drop every connection through the proxy, which still takes new ones: a node that
-    lost its clients (a restart, a partition it came back from) and answers again."""
-    for writer in list(proxy._writers):
-        writer.transport.abort()
 
 
 async def wait_for_readyz(
@@ -69,7 +50,7 @@ async def post(client: httpx.AsyncClient, api_key: str) -> httpx.Response:
 async def test_the_api_skips_a_node_that_is_down(settings: Settings, api_key: str) -> None:
     real = node_address(broker_nodes(settings.amqp_url)[0])
     down = f"127.0.0.1:{free_port()}"
-    several = settings.model_copy(update={"amqp_url": listing(settings.amqp_url, down, real)})
+    several = settings.model_copy(update={"amqp_url": with_nodes(settings.amqp_url, down, real)})
 
     async with serving(several) as client, connect_broker(settings) as broker:
         response = await post(client, api_key)
@@ -87,16 +68,16 @@ async def test_the_api_moves_to_the_next_node_when_its_node_goes_away(
         TcpProxy.for_url(settings.amqp_url) as first,
         TcpProxy.for_url(settings.amqp_url) as second,
     ):
-        nodes = listing(settings.amqp_url, through(first), through(second))
+        nodes = with_nodes(settings.amqp_url, first.address, second.address)
         several = settings.model_copy(update={"amqp_url": nodes})
         async with serving(several) as client, connect_broker(settings) as broker:
-            await wait_for_broker(client, through(first))
+            await wait_for_broker(client, first.address)
             assert (await post(client, api_key)).status_code == 200
 
             # The node still takes connections: the publisher must go to the next one all
             # the same, not back to the node it just lost.
-            drop_connections(first)
-            moved = await wait_for_broker(client, through(second))
+            first.drop_connections()
+            moved = await wait_for_broker(client, second.address)
             assert moved.status_code == 200
             response = await post(client, api_key)
             assert response.status_code == 200, response.text
@@ -108,7 +89,7 @@ async def test_the_api_moves_to_the_next_node_when_its_node_goes_away(
                 client, lambda body: not body["broker"]["connected"], "lost both nodes"
             )
             assert gone.status_code == 503
-            assert gone.json()["broker"]["node"] in {through(first), through(second)}
+            assert gone.json()["broker"]["node"] in {first.address, second.address}
             assert (await post(client, api_key)).status_code == 503
 
 
@@ -116,7 +97,7 @@ async def test_the_api_refuses_to_start_with_a_node_list_it_cannot_read(
     settings: Settings,
 ) -> None:
     real = node_address(broker_nodes(settings.amqp_url)[0])
-    unreadable = listing(settings.amqp_url, real, "127.0.0.1:none")
+    unreadable = with_nodes(settings.amqp_url, real, "127.0.0.1:none")
     api = CliProcess(
         "api",
         ["api", "--port", str(free_port())],

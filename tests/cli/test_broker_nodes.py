@@ -3,18 +3,11 @@
 import os
 import subprocess
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 from shared.broker import broker_nodes, node_address
 from shared.settings import Settings
 from tests.support.processes import free_port
-
-
-def listing(url: str, *addresses: str) -> str:
-    """url, with its node replaced by these `host:port` nodes, in this order."""
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    return urlunsplit(parts._replace(netloc=f"{credentials}@{','.join(addresses)}"))
+from tests.support.services import with_nodes
 
 
 def cli(settings: Settings, amqp_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -33,7 +26,7 @@ def cli(settings: Settings, amqp_url: str, *args: str) -> subprocess.CompletedPr
 def test_topology_and_dlq_use_the_first_node_that_answers(settings: Settings) -> None:
     real = node_address(broker_nodes(settings.amqp_url)[0])
     down = f"127.0.0.1:{free_port()}"
-    several = listing(settings.amqp_url, down, real)
+    several = with_nodes(settings.amqp_url, down, real)
 
     declared = cli(settings, several, "topology")
     assert declared.returncode == 0, declared.stderr
@@ -47,7 +40,7 @@ def test_topology_and_dlq_use_the_first_node_that_answers(settings: Settings) ->
 def test_a_command_fails_when_no_node_answers(settings: Settings) -> None:
     ports = [free_port(), free_port()]
     refused = cli(
-        settings, listing(settings.amqp_url, *(f"127.0.0.1:{p}" for p in ports)), "topology"
+        settings, with_nodes(settings.amqp_url, *(f"127.0.0.1:{p}" for p in ports)), "topology"
     )
     assert refused.returncode != 0
     assert f"broker node 127.0.0.1:{ports[0]} not reachable" in refused.stderr
@@ -56,6 +49,6 @@ def test_a_command_fails_when_no_node_answers(settings: Settings) -> None:
 
 
 def test_a_node_list_it_cannot_read_is_refused(settings: Settings) -> None:
-    refused = cli(settings, listing(settings.amqp_url, "127.0.0.1:5672", ""), "topology")
+    refused = cli(settings, with_nodes(settings.amqp_url, "127.0.0.1:5672", ""), "topology")
     assert refused.returncode != 0
     assert "AMQP_URL lists a node with no host" in refused.stderr

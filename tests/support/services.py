@@ -80,6 +80,15 @@ async def _drop_database(server_url: str, name: str) -> None:
         await conn.close()
 
 
+def with_nodes(url: str, *addresses: str) -> str:
+    """url, with its host and port replaced by these `host:port` nodes, in this order (the
+    multi-node AMQP_URL form, README "Several broker nodes"); credentials and the rest kept."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    nodes = ",".join(addresses)
+    return urlunsplit(parts._replace(netloc=f"{credentials}@{nodes}" if credentials else nodes))
+
+
 def _with_vhost(url: str, vhost: str) -> str:
     return urlunsplit(urlsplit(url)._replace(path="/" + quote(vhost, safe="")))
 

@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 from types import TracebackType
 from typing import Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
+
+from tests.support.services import with_nodes
 
 
 class TcpProxy:
@@ -41,12 +43,14 @@ class TcpProxy:
             raise ValueError(f"no host and port in {url!r}")
         return cls(parts.hostname, parts.port, latency)
 
+    @property
+    def address(self) -> str:
+        """Where the proxy listens, as `host:port` (a node of a multi-node AMQP_URL, say)."""
+        return f"127.0.0.1:{self.port}"
+
     def url_through(self, url: str) -> str:
         """The same URL, pointed at this proxy."""
-        parts = urlsplit(url)
-        credentials = parts.netloc.rpartition("@")[0]
-        netloc = f"{credentials}@127.0.0.1:{self.port}" if credentials else f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        return with_nodes(url, self.address)
 
     async def start(self) -> None:
         """Listen (on the same port as before, after a cut)."""
@@ -59,11 +63,16 @@ class TcpProxy:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        for writer in list(self._writers):
-            writer.transport.abort()
+        self.drop_connections()
         for pipe in list(self._pipes):
             pipe.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
+
+    def drop_connections(self) -> None:
+        """Drop every proxied connection, still taking new ones: a server that lost its
+        clients (a restart, a partition it came back from) and answers again."""
+        for writer in list(self._writers):
+            writer.transport.abort()
 
     async def restore(self) -> None:
         """Accept connections again on the same port."""

@@ -8,7 +8,7 @@ and, to be stopped, a node of the test's own beside it (the api moves on with th
 import asyncio
 from collections.abc import Callable, Iterator
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import httpx
@@ -20,31 +20,13 @@ from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, serving, wait_for_count
 from tests.support.processes import connect_broker, free_port, running_worker, score_message
 from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
+from tests.support.services import with_nodes
 from tests.support.tcp_proxy import TcpProxy
 from worker.worker import ScoreWorker
 
 COUNT_STORED = "SELECT count(*) FROM scores WHERE score_id = ANY($1::uuid[])"
 SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
 MOVE_SECONDS = 15.0
-
-
-def listing(url: str, *addresses: str) -> str:
-    """url, with its node replaced by these `host:port` nodes, in this order."""
-    parts = urlsplit(url)
-    credentials = parts.netloc.rpartition("@")[0]
-    return urlunsplit(parts._replace(netloc=f"{credentials}@{','.join(addresses)}"))
-
-
-def through(proxy: TcpProxy) -> str:
-    """The address of a proxy, as a node of AMQP_URL."""
-    return f"127.0.0.1:{proxy.port}"
-
-
-def drop_connections(proxy: TcpProxy) -> None:
-    """Drop every connection through the proxy, which still takes new ones: a node that
-    lost its clients (a restart, a partition it came back from) and answers again."""
-    for writer in list(proxy._writers):
-        writer.transport.abort()
 
 
 async def wait_for_readyz(
@@ -85,7 +67,7 @@ async def test_the_worker_skips_a_node_that_is_down(
 ) -> None:
     real = node_address(broker_nodes(settings.amqp_url)[0])
     down = f"127.0.0.1:{free_port()}"
-    several = settings.model_copy(update={"amqp_url": listing(settings.amqp_url, down, real)})
+    several = settings.model_copy(update={"amqp_url": with_nodes(settings.amqp_url, down, real)})
 
     async with running_worker(several) as worker:
         await wait_for_readyz(worker, consuming_from(real), f"consuming from {real}")
@@ -99,16 +81,16 @@ async def test_the_worker_moves_to_the_next_node_when_its_node_goes_away(
         TcpProxy.for_url(settings.amqp_url) as first,
         TcpProxy.for_url(settings.amqp_url) as second,
     ):
-        nodes = listing(settings.amqp_url, through(first), through(second))
+        nodes = with_nodes(settings.amqp_url, first.address, second.address)
         several = settings.model_copy(update={"amqp_url": nodes})
         async with running_worker(several) as worker:
-            await wait_for_readyz(worker, consuming_from(through(first)), "consuming")
+            await wait_for_readyz(worker, consuming_from(first.address), "consuming")
             await assert_stores_a_score(settings, db)
 
             # The node still takes connections: the worker must go to the next one all the
             # same, not back to the node it just lost.
-            drop_connections(first)
-            await wait_for_readyz(worker, consuming_from(through(second)), "moved")
+            first.drop_connections()
+            await wait_for_readyz(worker, consuming_from(second.address), "moved")
             await assert_stores_a_score(settings, db)
 
             await first.cut()
@@ -117,7 +99,7 @@ async def test_the_worker_moves_to_the_next_node_when_its_node_goes_away(
                 worker, lambda response: not response.json()["broker"]["connected"], "gone"
             )
             assert gone.status_code == 503
-            assert gone.json()["broker"]["node"] in {through(first), through(second)}
+            assert gone.json()["broker"]["node"] in {first.address, second.address}
 
 
 async def test_a_robust_connection_reconnects_to_the_next_node(settings: Settings) -> None:
@@ -125,14 +107,14 @@ async def test_a_robust_connection_reconnects_to_the_next_node(settings: Setting
         TcpProxy.for_url(settings.amqp_url) as first,
         TcpProxy.for_url(settings.amqp_url) as second,
     ):
-        nodes = listing(settings.amqp_url, through(first), through(second))
+        nodes = with_nodes(settings.amqp_url, first.address, second.address)
         connection = await connect_until_ready(nodes, "test", attempt_seconds=5)
         assert isinstance(connection, RobustConnection)
         try:
             assert connection.url.port == first.port
             channel = await connection.channel()
 
-            drop_connections(first)
+            first.drop_connections()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + MOVE_SECONDS
             while not (connection.connected.is_set() and connection.url.port == second.port):
@@ -160,7 +142,8 @@ async def test_the_api_and_the_worker_move_on_when_their_node_stops(
 ) -> None:
     stopping = f"127.0.0.1:{own_node.amqp_port}"
     real = node_address(broker_nodes(settings.amqp_url)[0])
-    several = settings.model_copy(update={"amqp_url": listing(settings.amqp_url, stopping, real)})
+    listed = with_nodes(settings.amqp_url, stopping, real)
+    several = settings.model_copy(update={"amqp_url": listed})
     headers = basic_auth(api_key)
 
     async with serving(several) as client, running_worker(several) as worker:
