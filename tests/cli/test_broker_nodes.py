@@ -1,26 +1,16 @@
 """The CLI's broker commands with an AMQP_URL listing several nodes: the first that answers."""
 
-import os
 import subprocess
-import sys
 
 from shared.broker import broker_nodes, node_address
 from shared.settings import Settings
-from tests.support.processes import free_port
+from tests.support.processes import free_port, run_cli
 from tests.support.services import with_nodes
 
 
 def cli(settings: Settings, amqp_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `score-ingest args` with this AMQP_URL."""
-    env = {**os.environ, "DATABASE_URL": settings.database_url, "AMQP_URL": amqp_url}
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_cli(settings.model_copy(update={"amqp_url": amqp_url}), *args)
 
 
 def test_topology_and_dlq_use_the_first_node_that_answers(settings: Settings) -> None:

@@ -14,19 +14,12 @@ primary fenced read-only is the database being unavailable too, never a bad scor
 import asyncio
 import contextlib
 import itertools
-import shutil
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
-import pytest
 
 from chaos.postgres import PostgresPair
 from shared.db import database_name, with_database
@@ -35,10 +28,9 @@ from shared.topology import DEAD_LETTER_QUEUE
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
 from tests.support.load import assert_stored_exactly_once
 from tests.support.processes import (
-    REPO_ROOT,
     api_process,
     connect_broker,
-    settings_env,
+    run_cli,
     wait_until,
     worker_process,
 )
@@ -54,7 +46,6 @@ RETRY_PAUSE_SECONDS = 0.1
 # A request is retried (503 or no answer) for at most this long.
 RETRY_SECONDS = 60.0
 PROGRESS_SECONDS = 60.0
-CLI_SECONDS = 60
 
 
 @dataclass(frozen=True)
@@ -136,31 +127,6 @@ def _request(client: int, sent: int) -> Request:
             return Request(f"{SCORES_PATH}/batch", {"scores": scores}, key=name)
 
 
-@pytest.fixture
-def pair() -> Iterator[PostgresPair]:
-    """A primary and a streaming standby with TLS, in a directory user postgres can reach."""
-    workdir = Path(tempfile.mkdtemp(prefix="score-ingest-pg-"))
-    try:
-        started = time.monotonic()
-        with PostgresPair(workdir) as running:
-            print(f"PostgreSQL pair started in {time.monotonic() - started:.2f}s")
-            yield running
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
-        cwd=REPO_ROOT,
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=CLI_SECONDS,
-        check=False,
-    )
-
-
 @contextlib.asynccontextmanager
 async def _connection(url: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(url)
@@ -187,9 +153,9 @@ async def test_api_worker_and_cli_follow_the_primary(
     pair: PostgresPair, settings: Settings
 ) -> None:
     settings = settings.model_copy(update={"database_url": _verified_url(pair)})
-    migrated = _cli(settings, "migrate")
+    migrated = run_cli(settings, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    created = _cli(settings, "keys", "create", "--entity", ENTITY, "--name", "failover")
+    created = run_cli(settings, "keys", "create", "--entity", ENTITY, "--name", "failover")
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip().splitlines()[-1]
 
@@ -234,10 +200,10 @@ async def test_api_worker_and_cli_follow_the_primary(
         async with connect_broker(settings) as broker:
             assert await broker.ready_count(DEAD_LETTER_QUEUE) == 0
 
-    migrated_again = _cli(settings, "migrate")
+    migrated_again = run_cli(settings, "migrate")
     assert migrated_again.returncode == 0, migrated_again.stderr
     assert "schema is up to date" in migrated_again.stdout
-    listed = _cli(settings, "keys", "list", "--entity", ENTITY)
+    listed = run_cli(settings, "keys", "list", "--entity", ENTITY)
     assert listed.returncode == 0, listed.stderr
     assert "failover" in listed.stdout
 
@@ -250,8 +216,8 @@ async def test_a_primary_that_takes_no_writes_is_unavailable_not_a_bad_score(
     # takes writes. Both are the database being unavailable: 503s, and retries in the
     # worker, until the primary takes writes again.
     settings = settings.model_copy(update={"database_url": _verified_url(pair)})
-    assert _cli(settings, "migrate").returncode == 0
-    created = _cli(settings, "keys", "create", "--entity", ENTITY)
+    assert run_cli(settings, "migrate").returncode == 0
+    created = run_cli(settings, "keys", "create", "--entity", ENTITY)
     assert created.returncode == 0, created.stderr
     headers = basic_auth(created.stdout.strip().splitlines()[-1])
     # The first server in the URL: the primary of a pair that never failed over.

@@ -8,11 +8,7 @@ worker stores it, every session encrypted; verify-full refuses a server its CA d
 """
 
 import asyncio
-import shutil
-import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -22,39 +18,15 @@ import pytest
 from chaos.postgres import PostgresPair
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
-from tests.support.processes import REPO_ROOT, api_process, settings_env, worker_process
+from tests.support.processes import api_process, run_cli, worker_process
 from tests.support.tls import CertificateAuthority
 
-CLI_SECONDS = 60
 STORED_SECONDS = 20.0
 SESSIONS_SSL = """
 SELECT count(*) FILTER (WHERE s.ssl) AS encrypted, count(*) FILTER (WHERE NOT s.ssl) AS plain
 FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
 """
-
-
-@pytest.fixture(scope="module")
-def pair() -> Iterator[PostgresPair]:
-    """A primary and a streaming standby that take TLS connections only."""
-    workdir = Path(tempfile.mkdtemp(prefix="score-ingest-pg-tls-"))
-    try:
-        with PostgresPair(workdir, ssl=True) as running:
-            yield running
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
-        cwd=REPO_ROOT,
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=CLI_SECONDS,
-        check=False,
-    )
 
 
 def _url(pair: PostgresPair, sslmode: str, database: str) -> str:
@@ -77,9 +49,9 @@ async def test_api_worker_and_cli_over_tls(
     # A database per mode: each run starts from an empty schema the CLI creates.
     url = _url(pair, sslmode, f"score_ingest_{sslmode.replace('-', '_')}")
     settings = settings.model_copy(update={"database_url": url})
-    migrated = _cli(settings, "migrate")
+    migrated = run_cli(settings, "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    created = _cli(settings, "keys", "create", "--entity", ENTITY)
+    created = run_cli(settings, "keys", "create", "--entity", ENTITY)
     assert created.returncode == 0, created.stderr
     headers = basic_auth(created.stdout.strip().splitlines()[-1]) | {"Idempotency-Key": sslmode}
 
@@ -114,6 +86,6 @@ def test_verify_full_refuses_a_server_another_ca_signed(
     with tempfile.TemporaryDirectory() as directory:
         stranger = CertificateAuthority(Path(directory), "stranger")
         url = f"{pair.database_url()}&sslmode=verify-full&sslrootcert={stranger.cert_file}"
-        migrated = _cli(settings.model_copy(update={"database_url": url}), "migrate")
+        migrated = run_cli(settings.model_copy(update={"database_url": url}), "migrate")
     assert migrated.returncode != 0
     assert "CERTIFICATE_VERIFY_FAILED" in migrated.stderr

@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKER_READY_LINE = "worker consuming"
 START_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 15.0
+CLI_TIMEOUT_SECONDS = 60.0
 _OUTPUT_CHUNK_BYTES = 65536
 
 
@@ -58,6 +60,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
         if value is not None:  # unset: the setting's default
             env[name.upper()] = str(value)
     return env
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m cli <args>` with these settings, run to its end, its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "cli", *args],
+        cwd=REPO_ROOT,
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_SECONDS,
+        check=False,
+    )
 
 
 def free_port() -> int:
