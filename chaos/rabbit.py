@@ -36,7 +36,12 @@ from typing import Any, Self
 
 import psutil
 
-from tests.support.rabbitmq_node import RABBITMQ_SERVER, chown_tree, rabbitmq_account
+from tests.support.rabbitmq_node import (
+    RABBITMQ_SERVER,
+    chown_tree,
+    rabbitmq_account,
+    server_environment,
+)
 from tests.support.services import port_open
 
 logger = logging.getLogger(__name__)
@@ -305,25 +310,17 @@ class RabbitCluster:
         ]  # fmt: skip
 
     def _server_environment(self, node: _Node) -> dict[str, str]:
-        env = {key: value for key, value in os.environ.items() if not key.startswith("RABBITMQ_")}
         directory = node.directory
-        env.update(
+        return server_environment(
+            directory,
+            node.name,
             {
                 "HOME": str(directory / "home"),
                 "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf"),
-                "RABBITMQ_NODENAME": node.name,
                 "RABBITMQ_USE_LONGNAME": "true",
-                "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
-                "RABBITMQ_LOG_BASE": str(directory / "log"),
-                "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
-                "RABBITMQ_PID_FILE": str(directory / "pid"),
-                # Without the .conf suffix: rabbitmq-server adds it.
-                "RABBITMQ_CONFIG_FILE": str(directory / "node"),
                 "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
-                "RABBITMQ_FEATURE_FLAGS_FILE": str(directory / "feature_flags"),
-            }
+            },
         )
-        return env
 
     def _wait_running(self, i: int, timeout: float) -> None:
         """Until node i accepts AMQP connections and runs clustered with every node that

@@ -262,16 +262,13 @@ def chown_tree(directory: Path, account: pwd.struct_passwd) -> None:
         os.chown(path, account.pw_uid, account.pw_gid)
 
 
-def _node_environment(node: RabbitMQNode, account: pwd.struct_passwd) -> dict[str, str]:
+def server_environment(directory: Path, name: str, extra: dict[str, str]) -> dict[str, str]:
+    """rabbitmq-server's environment for a node of its own: this process's, without its
+    RABBITMQ_ variables, with the node's name and its files under directory, then extra."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("RABBITMQ_")}
-    directory = node.directory
     env.update(
         {
-            # Where the Erlang cookie lives that rabbitmqctl also reads.
-            "HOME": account.pw_dir,
-            "RABBITMQ_NODENAME": node.name,
-            "RABBITMQ_NODE_PORT": str(node.amqp_port),
-            "RABBITMQ_DIST_PORT": str(free_port()),
+            "RABBITMQ_NODENAME": name,
             "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
             "RABBITMQ_LOG_BASE": str(directory / "log"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
@@ -279,9 +276,23 @@ def _node_environment(node: RabbitMQNode, account: pwd.struct_passwd) -> dict[st
             # Without the .conf suffix: rabbitmq-server adds it.
             "RABBITMQ_CONFIG_FILE": str(directory / "node"),
             "RABBITMQ_FEATURE_FLAGS_FILE": str(directory / "feature_flags"),
+            **extra,
         }
     )
     return env
+
+
+def _node_environment(node: RabbitMQNode, account: pwd.struct_passwd) -> dict[str, str]:
+    return server_environment(
+        node.directory,
+        node.name,
+        {
+            # Where the Erlang cookie lives that rabbitmqctl also reads.
+            "HOME": account.pw_dir,
+            "RABBITMQ_NODE_PORT": str(node.amqp_port),
+            "RABBITMQ_DIST_PORT": str(free_port()),
+        },
+    )
 
 
 def _wait_until_booted(node: RabbitMQNode, process: subprocess.Popen[bytes]) -> None:
