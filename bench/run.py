@@ -1,8 +1,9 @@
 """The score-ingest benchmark, in one run on one machine: `python -m bench.run` (`make bench`).
 
 Phases, in order (BENCHMARKS.md explains each and how to read the results):
-1. bare and naive comparison apps, then score-ingest's api + worker, each under wrk with the
-   same connections and duration: single-score POSTs, then batch POSTs of 500;
+1. bare and naive comparison apps and score-ingest's api + worker under wrk with the same
+   connections and duration, single-score POSTs, in interleaved rounds (bare, naive,
+   score-ingest, then again), each compared by its median round; then batch POSTs of 500;
 2. a paced run at half score-ingest's single-POST rate: latency from 200 to row readable;
 3. py-spy profiles of the api under the same wrk loads;
 4. backlogs queued with no worker running, then drained by one worker: a drain-rate
@@ -78,8 +79,12 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--connections", type=int, default=64, help="wrk connections for single POSTs")
     add("--threads", type=int, default=2, help="wrk threads")
-    add("--duration", type=float, default=15, help="seconds of each measured wrk run")
-    add("--warmup", type=float, default=3, help="seconds of wrk warm-up before each")
+    add("--duration", type=float, default=10, help="seconds of each measured wrk run")
+    add("--warmup", type=float, default=2, help="seconds of wrk warm-up before each")
+    add(
+        "--rounds", type=int, default=3,
+        help="interleaved rounds of the single-POST runs (bare, naive, score-ingest)",
+    )  # fmt: skip
     add("--batch-connections", type=int, default=4, help="wrk connections for batch POSTs")
     add("--paced-duration", type=float, default=30, help="seconds of the half-load run")
     add(
@@ -209,12 +214,14 @@ class _Run:
                 )
             )  # fmt: skip
         warmup, measured = runs
-        self.results["answered"][path] = warmup.requests + measured.requests
+        answered = self.results["answered"]
+        answered[path] = answered.get(path, 0) + warmup.requests + measured.requests
         self.results["errors_during_warmups"] += warmup.non_2xx + warmup.socket_errors
         return measured
 
 
-async def _comparison(run: _Run, name: str, body: Path) -> dict[str, Any]:
+async def _start_comparison(run: _Run, name: str) -> tuple[ServerProcess, str]:
+    """A comparison app, started and ready, and its base URL."""
     port = free_port()
     server = run.server(
         name,
@@ -222,15 +229,20 @@ async def _comparison(run: _Run, name: str, body: Path) -> dict[str, Any]:
     )
     base = f"http://127.0.0.1:{port}"
     await server.wait_ready(base + "/openapi.json")
-    run.note_load(name)
-    _say(f"{name}: wrk {run.options.connections} connections, {run.options.duration:g}s")
-    result = await run.wrk(
-        base, f"/v2/{ENTITY}/{name}/scores", body, run.options.connections, {"server": server.pid}
-    )
-    peak = peak_rss_kib(server.pid)
-    run.group.stop(server)
-    _say(f"{name}: {result.requests_per_s:,.0f} req/s, p99 {result.latency_p99_ms:.1f} ms")
-    return {**result.to_json(), "server_peak_rss_kib": peak}
+    return server, base
+
+
+def _median(runs: list[_load.WrkResult]) -> dict[str, Any]:
+    """The run of median throughput (the lower middle of an even count), with every round's
+    throughput and stolen CPU beside it."""
+    ranked = sorted(runs, key=lambda result: result.requests_per_s)
+    return {
+        **ranked[(len(ranked) - 1) // 2].to_json(),
+        "rounds": [
+            {"requests_per_s": r.requests_per_s, "stolen_percent": r.cpu_percent.get("stolen", 0.0)}
+            for r in runs
+        ],
+    }
 
 
 async def _count_rows(database_url: str, query: str, *args: object) -> int:
@@ -281,7 +293,9 @@ async def _visibility_from_rows(database_url: str, project: str) -> dict[str, fl
     return {"p50_ms": round(float(row[0] or 0), 1), "p99_ms": round(float(row[1] or 0), 1)}
 
 
-async def _score_ingest(run: _Run, single: Path, batch: Path) -> None:
+async def _score_ingest(
+    run: _Run, single: Path, batch: Path, comparisons: dict[str, tuple[ServerProcess, str]]
+) -> None:
     options, results = run.options, run.results
     port, health = free_port(), free_port()
     ports = {"API_HOST": "127.0.0.1", "API_PORT": str(port), "WORKER_HEALTH_PORT": str(health)}
@@ -295,19 +309,37 @@ async def _score_ingest(run: _Run, single: Path, batch: Path) -> None:
         sampler.start()
     watch = {"api": api.pid, "worker": worker.pid, "rabbitmq": run.broker_pid}
 
-    run.note_load("single")
-    _say(f"score-ingest single: wrk {options.connections} connections, {options.duration:g}s")
-    single_result = await run.wrk(
-        base, f"/v2/{ENTITY}/single/scores", single, options.connections, watch
-    )
-    results["http"]["single"] = single_result.to_json()
-    _say(
-        f"single: {single_result.requests_per_s:,.0f} req/s, p99 {single_result.latency_p99_ms} ms"
-    )
+    # Interleaved, so that a machine that slows down or speeds up over minutes (other guests
+    # of the host, CPU clocks) weighs on every app alike; each is compared by its median.
+    contenders = {
+        name: (base_url, f"/v2/{ENTITY}/{name}/scores", {"server": server.pid})
+        for name, (server, base_url) in comparisons.items()
+    }
+    contenders["single"] = (base, f"/v2/{ENTITY}/single/scores", watch)
+    rounds: dict[str, list[_load.WrkResult]] = {name: [] for name in contenders}
+    for number in range(1, options.rounds + 1):
+        for name, (base_url, path, watched) in contenders.items():
+            run.note_load(f"{name}-{number}")
+            _say(
+                f"round {number} of {options.rounds}, {name}: wrk {options.connections}"
+                f" connections, {options.duration:g}s"
+            )
+            result = await run.wrk(base_url, path, single, options.connections, watched)
+            rounds[name].append(result)
+            _say(f"{name}: {result.requests_per_s:,.0f} req/s, p99 {result.latency_p99_ms} ms")
+            if name == "single":
+                await _wait_until_settled(run, {"single": results["answered"][path]})
+    for name, (server, _) in comparisons.items():
+        results["http"][name] = {
+            **_median(rounds[name]),
+            "server_peak_rss_kib": peak_rss_kib(server.pid),
+        }
+        run.group.stop(server)
+    results["http"]["single"] = _median(rounds["single"])
+    single_rate = results["http"]["single"]["requests_per_s"]
 
     answered = results["answered"]
     singles = {"single": answered[f"/v2/{ENTITY}/single/scores"]}
-    await _wait_until_settled(run, singles)
 
     run.note_load("batch")
     _say(f"score-ingest batch of {BATCH_SIZE}: wrk {options.batch_connections} connections")
@@ -329,7 +361,7 @@ async def _score_ingest(run: _Run, single: Path, batch: Path) -> None:
         run, {**singles, "batch": answered[f"/v2/{ENTITY}/batch/scores/batch"] * BATCH_SIZE}
     )
 
-    rate = single_result.requests_per_s / 2
+    rate = single_rate / 2
     run.note_load("visibility")
     _say(f"half load: {rate:,.0f} req/s paced for {options.paced_duration:g}s")
     paced = await _load.run_paced(
@@ -607,7 +639,13 @@ def _verdicts(results: dict[str, Any]) -> tuple[list[Verdict], list[Verdict]]:
     wrk_cpu = max(http[k]["cpu_percent"]["wrk"] for k in http if k != "batch")
     # CPU the hypervisor gave to other guests during a wrk run: the ratios compare runs of
     # a few seconds each, so steal in one of them skews them (seen: 26% in one run).
-    stolen = {k: http[k]["cpu_percent"].get("stolen", 0.0) for k in http}
+    stolen = {
+        k: max(
+            (r["stolen_percent"] for r in http[k].get("rounds", [])),
+            default=http[k]["cpu_percent"].get("stolen", 0.0),
+        )
+        for k in http
+    }
     checks = [
         Verdict(
             "worker RSS flat, 1M vs 10k backlog",
@@ -754,12 +792,13 @@ async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[st
             with ProcessGroup() as group:
                 run = _Run(options, env, group, work, results, broker_pid())
                 try:
-                    for name in ("bare", "naive"):
-                        results["http"][name] = await _comparison(run, name, single)
+                    comparisons = {
+                        name: await _start_comparison(run, name) for name in ("bare", "naive")
+                    }
+                    await _score_ingest(run, single, batch, comparisons)
                     naive_rows = await _count_rows(
                         env.database_url, "SELECT count(*) FROM naive_scores"
                     )
-                    await _score_ingest(run, single, batch)
                     results["integrity"]["naive"] = {
                         "answered_200": results["answered"][f"/v2/{ENTITY}/naive/scores"],
                         "rows": naive_rows,

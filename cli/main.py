@@ -70,6 +70,9 @@ def api(
         http=http_protocol(ConnectionLimits.from_settings(settings)),
         # The api has no WebSocket routes; an upgrade would leave the protocol's limits.
         ws="none",
+        # Nothing reads the client's address, so X-Forwarded-* is not rewritten into it
+        # (uvicorn would, for every request from a trusted address).
+        proxy_headers=False,
     )
 
 
