@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     broker_max_message_bytes: int = Field(default=16 * MIB, ge=MAX_SCORE_MESSAGE_BYTES)
 
     log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    # auto: readable text lines when stderr is a terminal, JSON lines otherwise (shared/logs.py).
+    log_format: Literal["auto", "json", "text"] = "auto"
 
     @model_validator(mode="after")
     def _tls_files_need_amqps(self) -> "Settings":

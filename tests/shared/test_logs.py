@@ -1,10 +1,15 @@
-"""Structured logs: JSON lines with the request id, plain text on request, nothing secret."""
+"""Logs: JSON lines with the request id off a terminal, readable lines on one or on request,
+nothing secret."""
 
 import io
 import json
 import logging
+import os
+import pty
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -12,10 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from shared.logs import JsonFormatter, configure_logging, request_id
+from shared.logs import JsonFormatter, TextFormatter, configure_logging, request_id
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, score_body
-from tests.support.processes import api_process
+from tests.support.processes import REPO_ROOT, api_process, free_port
 
 LOGGER = "tests.shared.logs"
 
@@ -121,17 +126,161 @@ def test_json_lines_carry_the_exception_text(
 
 
 @pytest.mark.usefixtures("root_logging")
-def test_configure_logging_text_gives_plain_lines(capsys: pytest.CaptureFixture[str]) -> None:
+def test_configure_logging_text_gives_readable_lines(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging("INFO", "text")
-    logging.getLogger(LOGGER).info("plain %s", "words")
+    logging.getLogger(LOGGER).info("plain %s", "words", extra={"score_id": "0192-abc"})
     logging.getLogger(LOGGER).debug("not at INFO")
 
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1, lines
     assert re.fullmatch(
-        rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d,\d{{3}} INFO {re.escape(LOGGER)} plain words",
+        rf"\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{{3}} INFO    {re.escape(LOGGER)} "
+        r"plain words score_id=0192-abc",
         lines[0],
     ), lines[0]
+    assert "\x1b" not in lines[0], "no colour codes when stderr is not a terminal"
+
+
+@pytest.mark.usefixtures("root_logging")
+def test_configure_logging_auto_gives_json_lines_off_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    configure_logging("INFO", "auto")
+    logging.getLogger(LOGGER).info("to a pipe")
+
+    (line,) = capsys.readouterr().err.splitlines()
+    assert json.loads(line)["message"] == "to a pipe"
+
+
+def text_line(record: logging.LogRecord) -> str:
+    """The record as TextFormatter writes it, without colour."""
+    return TextFormatter().format(record)
+
+
+def record(message: str, **extra: Any) -> logging.LogRecord:
+    """A WARNING record of LOGGER with these extra fields, as a log call would make it."""
+    return logging.getLogger(LOGGER).makeRecord(
+        LOGGER, logging.WARNING, __file__, 1, message, (), None, extra=extra
+    )
+
+
+def test_text_lines_show_extra_fields_and_the_request_id_as_key_value_pairs() -> None:
+    token = request_id.set("req-7f3a")
+    try:
+        line = text_line(
+            record("stored", score_id="0192-abc", batch_size=3, detail="two words", ok=None)
+        )
+    finally:
+        request_id.reset(token)
+
+    assert line.endswith(
+        "WARNING tests.shared.logs stored request_id=req-7f3a score_id=0192-abc batch_size=3 "
+        'detail="two words" ok=null'
+    ), line
+
+
+def test_text_lines_escape_what_would_drive_a_terminal() -> None:
+    line = text_line(record("detail: \x1b[2Jgone\u202e", reason="bad\x1b[31m"))
+
+    assert "\x1b" not in line, repr(line)
+    assert "\u202e" not in line, repr(line)
+    assert "detail: \\x1b[2Jgone\\u202e" in line
+    assert 'reason="bad\\u001b[31m"' in line
+
+
+def test_text_lines_indent_continuation_lines_and_the_traceback() -> None:
+    try:
+        raise ValueError("the value was wrong")
+    except ValueError:
+        failed = logging.getLogger(LOGGER).makeRecord(
+            LOGGER, logging.ERROR, __file__, 1, "first\nsecond", (), sys.exc_info()
+        )
+    first, *rest = text_line(failed).split("\n")
+
+    assert first.endswith("ERROR   tests.shared.logs first"), first
+    assert rest[0] == "    second"
+    assert rest[1] == "    Traceback (most recent call last):"
+    assert rest[-1] == "    ValueError: the value was wrong"
+    assert all(line.startswith("    ") for line in rest), "a record's lines after its first"
+
+
+def test_text_lines_colour_the_level_only_when_asked() -> None:
+    coloured = TextFormatter(colour=True).format(record("careful"))
+
+    assert "\x1b[33mWARNING\x1b[0m" in coloured
+    assert "\x1b" not in text_line(record("careful"))
+
+
+def cli_log_output(log_format: str | None, *, terminal: bool) -> str:
+    """What `score-ingest topology` writes when every broker node is down (it logs a warning
+    for the first node, then fails), on a pseudo-terminal or a pipe."""
+    down = [free_port(), free_port()]
+    env = {key: value for key, value in os.environ.items() if key not in {"LOG_FORMAT", "NO_COLOR"}}
+    env["AMQP_URL"] = f"amqp://guest:guest@127.0.0.1:{down[0]},127.0.0.1:{down[1]}/"
+    if log_format is not None:
+        env["LOG_FORMAT"] = log_format
+    command = [sys.executable, "-m", "cli", "topology"]
+    if not terminal:
+        done = subprocess.run(
+            command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode != 0
+        return done.stderr
+    leader, follower = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO_ROOT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=follower,
+            stderr=follower,
+        )
+        os.close(follower)
+        output = bytearray()
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child closed its end of the terminal
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert process.wait(timeout=60) != 0
+    finally:
+        os.close(leader)
+    return output.decode()
+
+
+def warning_lines(output: str) -> list[str]:
+    """The lines of output that carry the first node's warning."""
+    return [line for line in output.splitlines() if "not reachable" in line]
+
+
+def test_the_cli_logs_readable_coloured_lines_on_a_terminal() -> None:
+    (line,) = warning_lines(cli_log_output(None, terminal=True))
+
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} \x1b\[33mWARNING", line), line
+    assert "shared.broker broker node 127.0.0.1:" in line
+    assert not line.lstrip().startswith("{")
+
+
+def test_the_cli_logs_json_lines_off_a_terminal_and_when_told_to() -> None:
+    for output in (
+        cli_log_output(None, terminal=False),
+        cli_log_output("json", terminal=True),
+    ):
+        (line,) = warning_lines(output)
+        entry = json.loads(line)
+        assert entry["level"] == "WARNING"
+        assert entry["logger"] == "shared.broker"
+
+
+def test_the_cli_logs_text_off_a_terminal_when_told_to() -> None:
+    (line,) = warning_lines(cli_log_output("text", terminal=False))
+
+    assert " WARNING shared.broker broker node 127.0.0.1:" in line
+    assert "\x1b" not in line, "no colour off a terminal"
 
 
 @pytest.mark.usefixtures("root_logging")
