@@ -72,6 +72,35 @@ class IdempotencyKeyReused(ApiError):
         }
 
 
+class QuotaExceeded(ApiError):
+    """Over a key's or an entity's quota (api/quotas.py): retry after Retry-After."""
+
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+
+    def __init__(self, detail: str, retry_after: int, rate_limit: dict[str, str]) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+        self.rate_limit = rate_limit
+
+    def headers(self) -> dict[str, str]:
+        """Retry-After in whole seconds, and the RateLimit-Policy and RateLimit fields."""
+        return {"Retry-After": str(self.retry_after), **self.rate_limit}
+
+
+class BatchOverQuota(ApiError):
+    """More scores in one request than a quota's burst: no wait lets it pass, so a 413."""
+
+    status_code = status.HTTP_413_CONTENT_TOO_LARGE
+
+    def __init__(self, detail: str, rate_limit: dict[str, str]) -> None:
+        super().__init__(detail)
+        self.rate_limit = rate_limit
+
+    def headers(self) -> dict[str, str]:
+        """The RateLimit-Policy field, which says the burst."""
+        return dict(self.rate_limit)
+
+
 class ServiceUnavailable(ApiError):
     """We cannot do it right now; the client should retry after Retry-After."""
 

@@ -20,6 +20,16 @@ import asyncpg
 
 from api import sql
 from api.errors import AuthBackendUnavailable, InvalidCredentials
+from api.quotas import (
+    FIND_KEY_WITH_QUOTAS,
+    LIST_KEY_QUOTAS,
+    NO_STORED_QUOTAS,
+    SET_KEY_QUOTA,
+    Quota,
+    QuotaLedger,
+    StoredQuotas,
+    TokenBucket,
+)
 from api.repository import BoundedPool
 from shared.db import DATABASE_UNAVAILABLE
 
@@ -33,11 +43,13 @@ UNKNOWN_KEYS_REMEMBERED = 1024
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a verified key speaks for: one entity, and all or some of its projects."""
+    """Who a verified key speaks for: one entity, and all or some of its projects; and the
+    quotas stored for the key and its entity when it was read."""
 
     key_id: str
     entity: str
     projects: frozenset[str] | None
+    quotas: StoredQuotas = NO_STORED_QUOTAS
 
     def may_access(self, entity: str, project: str) -> bool:
         """Whether this key is scoped to entity/project."""
@@ -54,6 +66,7 @@ class KeyInfo:
     name: str | None
     created_at: datetime
     revoked_at: datetime | None
+    quota: Quota | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,7 @@ def hash_key(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
-def _key_info(row: asyncpg.Record) -> KeyInfo:
+def _key_info(row: asyncpg.Record, quota: Quota | None) -> KeyInfo:
     projects = row["projects"]
     return KeyInfo(
         key_id=row["key_id"],
@@ -77,50 +90,52 @@ def _key_info(row: asyncpg.Record) -> KeyInfo:
         name=row["name"],
         created_at=row["created_at"],
         revoked_at=row["revoked_at"],
+        quota=quota,
     )
 
 
 async def create_key(
-    conn: asyncpg.Connection, entity: str, projects: Sequence[str] = (), name: str | None = None
+    conn: asyncpg.Connection,
+    entity: str,
+    projects: Sequence[str] = (),
+    name: str | None = None,
+    quota: Quota | None = None,
 ) -> tuple[KeyInfo, str]:
-    """Store a new key for entity (optionally only some projects); returns it and its secret."""
+    """Store a new key for entity (optionally only some projects, and with a quota of its
+    own); returns it and its secret."""
     key_id = secrets.token_hex(8)
     key = f"si_{key_id}_{secrets.token_urlsafe(32)}"
-    row = await conn.fetchrow(
-        sql.INSERT_KEY, key_id, hash_key(key), entity, sorted(set(projects)) or None, name
-    )
-    assert row is not None
-    return _key_info(row), key
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            sql.INSERT_KEY, key_id, hash_key(key), entity, sorted(set(projects)) or None, name
+        )
+        assert row is not None
+        if quota is not None:
+            await set_key_quota(conn, key_id, quota)
+    return _key_info(row, quota), key
 
 
 async def list_keys(conn: asyncpg.Connection, entity: str | None = None) -> list[KeyInfo]:
     """All keys, or those of one entity, oldest first."""
-    return [_key_info(row) for row in await conn.fetch(sql.LIST_KEYS, entity)]
+    quotas = {
+        row["key_id"]: Quota(row["quota_rate"], row["quota_burst"])
+        for row in await conn.fetch(LIST_KEY_QUOTAS, entity)
+    }
+    return [
+        _key_info(row, quotas.get(row["key_id"])) for row in await conn.fetch(sql.LIST_KEYS, entity)
+    ]
+
+
+async def set_key_quota(conn: asyncpg.Connection, key_id: str, quota: Quota | None) -> bool:
+    """Give a key a quota of its own, or (None) the default back; False when there is no
+    such key. Running apis apply it within AUTH_CACHE_TTL_SECONDS."""
+    rate, burst = (quota.rate, quota.burst) if quota is not None else (None, None)
+    return await conn.fetchval(SET_KEY_QUOTA, key_id, rate, burst) is not None
 
 
 async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
     """Revoke a key; False when there is no such key."""
     return await conn.fetchval(sql.REVOKE_KEY, key_id) is not None
-
-
-class _TokenBucket:
-    """Allows `rate` takes a second on average, and as many at once after a quiet second."""
-
-    def __init__(self, rate: float) -> None:
-        self._rate = rate
-        self._capacity = max(1.0, rate)
-        self._tokens = self._capacity
-        self._updated = time.monotonic()
-
-    def take(self) -> bool:
-        """Take one token if there is one."""
-        now = time.monotonic()
-        self._tokens = min(self._capacity, self._tokens + (now - self._updated) * self._rate)
-        self._updated = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 class KeyVerifier:
@@ -136,6 +151,9 @@ class KeyVerifier:
     Database lookups are bounded per process: at most `max_concurrent_lookups` at once (the
     size of the pool they use), and for keys not known, `lookups_per_second` on average.
     A key beyond either bound is answered AuthBackendUnavailable at once, not queued.
+
+    `quotas` holds this process's token buckets of the keys' and entities' quotas
+    (api/quotas.py), as many as the keys it remembers, beside the records they come from.
     """
 
     def __init__(
@@ -151,7 +169,9 @@ class KeyVerifier:
         self._ttl = ttl_seconds
         self._max_entries = max_entries
         self._max_concurrent_lookups = max_concurrent_lookups
-        self._bucket = _TokenBucket(lookups_per_second)
+        # `lookups_per_second` on average, and as many at once after a quiet second.
+        self._bucket = TokenBucket(lookups_per_second, max(1.0, lookups_per_second))
+        self.quotas = QuotaLedger(2 * max_entries)
         self._known: dict[str, tuple[float, _StoredKey]] = {}
         self._unknown: dict[str, float] = {}
         self._lookups: dict[str, asyncio.Future[_StoredKey | None]] = {}
@@ -182,7 +202,7 @@ class KeyVerifier:
             # Refreshing a known key spends no token: known keys are few and legitimate, and
             # a flood of made-up keys must not delay a revocation.
             if len(self._lookups) >= self._max_concurrent_lookups or (
-                known is None and not self._bucket.take()
+                known is None and not self._bucket.try_take()
             ):
                 return last_answer.stands("too many API key lookups right now, retry later")
             # One database read per key at a time, however many requests wait for it.
@@ -196,7 +216,9 @@ class KeyVerifier:
 
     async def _fetch(self, key_id: str) -> _StoredKey | None:
         async with self._pool.connection() as conn:
-            row = await conn.fetchrow(sql.FIND_KEY, key_id, timeout=self._pool.query_timeout)
+            row = await conn.fetchrow(
+                FIND_KEY_WITH_QUOTAS, key_id, timeout=self._pool.query_timeout
+            )
         if row is None:
             self._remember_unknown(key_id)
             return None
@@ -207,6 +229,10 @@ class KeyVerifier:
                 key_id=row["key_id"],
                 entity=row["entity"],
                 projects=frozenset(projects) if projects is not None else None,
+                quotas=StoredQuotas(
+                    key=Quota.stored(row["quota_rate"], row["quota_burst"]),
+                    entity=Quota.stored(row["entity_rate"], row["entity_burst"]),
+                ),
             ),
             revoked=row["revoked"],
         )

@@ -35,6 +35,12 @@ PUBLISH_FAILURES = Counter(
     "unavailable, blocked, refused, unroutable, timeout",
     ["reason"],
 )
+QUOTA_REJECTIONS = Counter(
+    "score_ingest_quota_rejections_total",
+    "Creates answered 429 for a key's or an entity's quota, by entity "
+    "(the first 100 entities refused have a label each, the rest count as `other`)",
+    ["entity"],
+)
 
 _REQUEST_ID_HEADER = b"x-request-id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")

@@ -13,6 +13,7 @@ from api import repository
 from api.deps import ProjectScope
 from api.errors import ApiError, IdempotencyKeyReused, NotFound, database_unavailable_as_503
 from api.publisher import MessageFields
+from api.quotas import charge_quota
 from api.schemas import ScoreCreateBody
 from shared.contract import scorer_entity_problem
 from shared.ids import new_score_id
@@ -91,6 +92,7 @@ async def create_scores(
     ref must name the path's entity (ScorerOfAnotherEntity otherwise).
     """
     _check_scorers(scope.entity, bodies, kind)
+    charge_quota(scope, len(bodies))
     score_ids = [new_score_id() for _ in bodies]
     if idempotency_key is not None:
         request_hash = _request_hash(kind, bodies)

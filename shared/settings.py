@@ -40,6 +40,14 @@ class Settings(BaseSettings):
     auth_cache_max_entries: int = Field(default=10_000, ge=1)
     auth_lookup_concurrency: int = Field(default=4, ge=1)
     auth_lookups_per_second: float = Field(default=100.0, gt=0)
+    # Quotas (api/quotas.py): the rate (scores per second) and burst of a key, and of all
+    # of an entity's keys together, where the database sets none; no rate, no limit.
+    quota_key_rate: int | None = Field(default=None, ge=1)
+    quota_key_burst: int | None = Field(default=None, ge=1)
+    quota_entity_rate: int | None = Field(default=None, ge=1)
+    quota_entity_burst: int | None = Field(default=None, ge=1)
+    # How many api processes share each quota: each enforces 1/API_REPLICAS of it.
+    api_replicas: int = Field(default=1, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
     db_read_pool_max_size: int = Field(default=5, ge=1)
     db_acquire_timeout_seconds: float = Field(default=1.0, gt=0)
@@ -81,6 +89,15 @@ class Settings(BaseSettings):
             raise ValueError(f"{', '.join(given)} set, but AMQP_URL does not use TLS (amqps://)")
         if self.amqp_key_file is not None and self.amqp_cert_file is None:
             raise ValueError("AMQP_KEY_FILE set without AMQP_CERT_FILE, the certificate it is for")
+        return self
+
+    @model_validator(mode="after")
+    def _quota_bursts_need_rates(self) -> "Settings":
+        for scope in ("key", "entity"):
+            burst, rate = (getattr(self, f"quota_{scope}_{what}") for what in ("burst", "rate"))
+            if burst is not None and rate is None:
+                name = f"QUOTA_{scope.upper()}"
+                raise ValueError(f"{name}_BURST set without {name}_RATE")
         return self
 
 

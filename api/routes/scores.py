@@ -38,6 +38,14 @@ _UNAVAILABLE: dict[int | str, dict[str, Any]] = {
 _WRITE_ERRORS: dict[int | str, dict[str, Any]] = {
     **_AUTH_ERRORS,
     413: {"model": ErrorRes, "description": "Request body larger than the limit"},
+    429: {
+        "model": ErrorRes,
+        "description": (
+            "Not accepted: over the key's or the entity's quota of scores per second; retry "
+            "after Retry-After (RateLimit-Policy and RateLimit say the quota). A batch larger "
+            "than the quota's burst is a 413: split it"
+        ),
+    },
     503: {
         "model": ErrorRes,
         "description": "Not accepted: the broker (or key store) is unavailable; see Retry-After",
