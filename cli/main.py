@@ -18,7 +18,7 @@ import uvloop
 
 from api.app import create_app
 from api.http_server import ConnectionLimits, http_protocol
-from cli import dlq, keys
+from cli import dlq, keys, status
 from shared.contract import BATCH_MESSAGE_TYPE, MESSAGE_TYPE, message_json_schema
 from shared.db import migrate as apply_migrations
 from shared.logs import configure_logging
@@ -32,6 +32,7 @@ app = typer.Typer(
 )
 app.add_typer(keys.app, name="keys")
 app.add_typer(dlq.app, name="dlq")
+app.command()(status.status)
 
 
 @app.callback()
