@@ -39,7 +39,7 @@ Policy = Literal["key", "entity"]
 # Entities that get a label of their own on the rejections counter; the rest count as
 # "other", so that no number of tenants can grow the metric without bound.
 QUOTA_METRIC_ENTITIES: Final = 100
-OTHER_ENTITIES: Final = "other"
+OTHER_LABEL: Final = "other"
 # A vendor parameter (the draft asks for a prefix) carrying the burst beside q and w.
 BURST_PARAMETER: Final = "si-burst"
 
@@ -281,13 +281,22 @@ def _default(rate: int | None, burst: int | None) -> Quota | None:
     return None if rate is None else Quota.of(rate, burst)
 
 
-_labelled_entities: set[str] = set()
+class BoundedLabels:
+    """Label values for a metric: the first `limit` values seen as they are, then `other`."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        """The label for value."""
+        if value in self._seen:
+            return value
+        if len(self._seen) < self._limit:
+            self._seen.add(value)
+            return value
+        return OTHER_LABEL
 
 
-def _entity_label(entity: str) -> str:
-    if entity in _labelled_entities:
-        return entity
-    if len(_labelled_entities) < QUOTA_METRIC_ENTITIES:
-        _labelled_entities.add(entity)
-        return entity
-    return OTHER_ENTITIES
+# As process-wide as the counter it labels.
+_entity_label = BoundedLabels(QUOTA_METRIC_ENTITIES)
