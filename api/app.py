@@ -15,6 +15,7 @@ from api.publisher import ScorePublisher
 from api.repository import create_bounded_pool
 from api.request_gate import RequestGate
 from api.routes import health, scores
+from api.stored_events import StoredEvents
 from shared.settings import Settings, get_settings
 
 # We export Prometheus metrics and JSON logs, not OpenTelemetry. FastAPI's native telemetry
@@ -42,6 +43,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         read_pool = await bounded_pool("reads", max_size=settings.db_read_pool_max_size)
         publisher = ScorePublisher(settings)
         publisher.start()
+        stored_events = StoredEvents(
+            settings.database_url, settings.read_max_waiting, settings.read_wait_recheck_seconds
+        )
+        stored_events.start()
         app.state.services = Services(
             settings=settings,
             pool=pool,
@@ -55,10 +60,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 lookups_per_second=settings.auth_lookups_per_second,
                 max_concurrent_lookups=settings.auth_lookup_concurrency,
             ),
+            stored_events=stored_events,
         )
         try:
             yield
         finally:
+            await stored_events.close()
             await publisher.close()
             for bounded in (read_pool, pool, key_pool):
                 await bounded.close()

@@ -15,6 +15,7 @@ from api.errors import Forbidden, InvalidCredentials
 from api.keys import KeyVerifier, Principal
 from api.publisher import ScorePublisher
 from api.repository import BoundedPool
+from api.stored_events import StoredEvents
 from shared.contract import EntityName, ProjectName
 from shared.settings import Settings
 
@@ -43,7 +44,8 @@ class Services:
 
     Three budgets of database connections, so that no kind of request can starve another:
     `key_pool` for key lookups (the verifier's), `pool` for writes (deletes and
-    Idempotency-Keys) and `read_pool` for reads and lists.
+    Idempotency-Keys) and `read_pool` for reads and lists. `stored_events` wakes the
+    requests that wait for scores to be stored.
     """
 
     settings: Settings
@@ -52,6 +54,7 @@ class Services:
     key_pool: BoundedPool
     publisher: ScorePublisher
     verifier: KeyVerifier
+    stored_events: StoredEvents
 
 
 # Dependencies are async even where they need not be: FastAPI runs plain functions in a

@@ -15,7 +15,8 @@ the request to a WriteRoute, which does the rest as FastAPI's request handler wo
   declaration, and every failure is a RequestValidationError with FastAPI's loc, msg and type,
   which the app's handler answers (api/errors.py) like any other 422;
 - the endpoint is called with the project scope, the body and the header, and its result is
-  answered as JSON.
+  answered as JSON with a 200, or, when the endpoint returns a Response (a create that asked
+  for its stored representation, `Prefer: return=representation`), as that Response.
 
 FastAPI's request handler would verify the key again (the route's dependencies), validate
 the result against the response model and go through its dependency machinery: on the bench
@@ -34,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import from_json, to_json
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from api.deps import ProjectScope, authorize_project
@@ -100,7 +102,11 @@ class WriteRoute(APIRoute):
             raise RuntimeError(f"{scope['path']}: a write RequestGate did not check")
         arguments = self._arguments(scope, checked.body)
         arguments[self._scope_name] = checked.project
-        content = to_json(await self.endpoint(**arguments))
+        result = await self.endpoint(**arguments)
+        if isinstance(result, Response):
+            await result(scope, receive, send)
+            return
+        content = to_json(result)
         await send(
             {
                 "type": "http.response.start",

@@ -157,6 +157,41 @@ async def read_score(pool: BoundedPool, entity: str, project: str, score_id: UUI
     return None if row is None else score_json(row)
 
 
+async def read_scores(
+    pool: BoundedPool, entity: str, project: str, score_ids: Sequence[UUID]
+) -> dict[UUID, bytes]:
+    """The scores of the project among score_ids, as JSON, by id."""
+    async with pool.connection() as conn:
+        rows = await conn.fetch(
+            sql.READ_SCORES, entity, project, score_ids, timeout=pool.query_timeout
+        )
+    return {row["score_id"]: score_json(row) for row in rows}
+
+
+async def stored_ids(
+    pool: BoundedPool, entity: str, project: str, score_ids: Sequence[UUID]
+) -> set[UUID]:
+    """Which of score_ids are stored in the project."""
+    async with pool.connection() as conn:
+        rows = await conn.fetch(
+            sql.STORED_IDS, entity, project, score_ids, timeout=pool.query_timeout
+        )
+    return {row["score_id"] for row in rows}
+
+
+async def score_fate(
+    pool: BoundedPool, entity: str, project: str, score_id: UUID
+) -> asyncpg.Record:
+    """When the score was stored in the project, deleted in the entity, and its latest
+    refusal in the project (reason, detail, failed_at), each None if it never was."""
+    async with pool.connection() as conn:
+        row = await conn.fetchrow(
+            sql.SCORE_FATE, entity, project, score_id, timeout=pool.query_timeout
+        )
+    assert row is not None  # the statement selects one row, whatever is found
+    return row
+
+
 async def _list_page(
     pool: BoundedPool,
     entity: str,

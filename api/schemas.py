@@ -1,6 +1,6 @@
 """Request and response bodies of the scores endpoints, named as in the Weave service API."""
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -74,3 +74,22 @@ class ScoreBatchCreateRes(BaseModel):
     """The ids of the batch's scores, in request order, all confirmed by the broker."""
 
     score_ids: list[str] = Field(description="Score IDs in the order of the request")
+
+
+ScoreState = Literal["accepted", "stored", "dead_lettered", "deleted", "unknown"]
+
+
+class ScoreStatusRes(BaseModel):
+    """What became of a score, as far as the service knows (README, "Read your writes")."""
+
+    state: ScoreState = Field(
+        description=(
+            "`stored`: readable in this project. `deleted`: deleted, and never stored again. "
+            "`dead_lettered`: the worker refused its message (see reason) and it waits in "
+            "scores.dead; a replay that stores it makes it `stored`. `accepted`: a UUIDv7 "
+            "minted within READ_WAIT_RECENT_SECONDS that is none of those yet: if a create "
+            "was answered 200 with it, it is in flight to the database. `unknown`: none of "
+            "these, and older, or not a UUIDv7"
+        )
+    )
+    reason: str = Field(description="Why, in words: when it was stored or deleted, or why refused")

@@ -1,10 +1,12 @@
 """What the API decides: accepted requests become confirmed messages; reads and deletes."""
 
+import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from fastapi import status
@@ -14,8 +16,9 @@ from api.deps import ProjectScope
 from api.errors import ApiError, IdempotencyKeyReused, NotFound, database_unavailable_as_503
 from api.publisher import MessageFields
 from api.quotas import charge_quota
-from api.schemas import ScoreCreateBody
+from api.schemas import ScoreCreateBody, ScoreStatusRes
 from shared.contract import scorer_entity_problem
+from shared.db import DATABASE_UNAVAILABLE
 from shared.ids import new_score_id
 from shared.score_fields import FIELD_NAMES
 
@@ -120,15 +123,171 @@ async def create_scores(
     return score_ids
 
 
-async def read_score(scope: ProjectScope, score_id: UUID) -> bytes:
-    """A stored score of the project as JSON; NotFound otherwise."""
+T = TypeVar("T")
+
+
+def minted_seconds_ago(score_id: UUID) -> float | None:
+    """How long ago a UUIDv7 was minted, by its timestamp (negative: ahead of our clock);
+    None for any other id."""
+    if score_id.version != 7:
+        return None
+    return time.time() - (score_id.int >> 80) / 1000
+
+
+def is_recent(scope: ProjectScope, score_id: UUID) -> bool:
+    """Whether score_id is a UUIDv7 minted within READ_WAIT_RECENT_SECONDS (either way: ids
+    minted by other clocks may be ahead of ours), which may be in flight to the database."""
+    age = minted_seconds_ago(score_id)
+    return age is not None and abs(age) <= scope.services.settings.read_wait_recent_seconds
+
+
+def wait_seconds(scope: ProjectScope, asked: float | None) -> float:
+    """How long a request may wait for scores: what it asked for (READ_WAIT_SECONDS if
+    nothing), at most READ_WAIT_MAX_SECONDS."""
+    settings = scope.services.settings
+    return min(
+        settings.read_wait_seconds if asked is None else asked, settings.read_wait_max_seconds
+    )
+
+
+async def _read_until_settled(
+    scope: ProjectScope,
+    score_ids: Sequence[UUID],
+    seconds: float,
+    read: Callable[[], Awaitable[T]],
+    done: Callable[[T], bool],
+) -> T:
+    """read() until done(), waiting up to seconds for the worker to settle score_ids.
+
+    Between reads the request holds no database connection: it waits for the listener's
+    announcement (api/stored_events.py), then reads once more. Past READ_MAX_WAITING
+    waiting requests, it reads once, as if it asked for no wait.
+    """
+    events = scope.services.stored_events
+    with events.watch(score_ids) as watch:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while True:
+            # Read after the watch began: an id settled in between is found here.
+            result = await read()
+            remaining = deadline - loop.time()
+            if done(result) or watch is None or watch.settled or remaining <= 0:
+                return result
+            await watch.wait(events.wait_at_most(remaining))
+
+
+async def read_score(scope: ProjectScope, score_id: UUID, wait: float | None) -> bytes:
+    """A stored score of the project as JSON; NotFound otherwise.
+
+    A score not stored yet whose id is recent (is_recent) is waited for, up to `wait`
+    seconds (wait_seconds), until the worker settles it.
+    """
+    pool = scope.services.read_pool
+
+    async def read() -> bytes | None:
+        return await repository.read_score(pool, scope.entity, scope.project, score_id)
+
     with database_unavailable_as_503():
-        found = await repository.read_score(
-            scope.services.read_pool, scope.entity, scope.project, score_id
-        )
+        found = await read()
+        seconds = wait_seconds(scope, wait)
+        if found is None and seconds > 0 and is_recent(scope, score_id):
+            found = await _read_until_settled(
+                scope, [score_id], seconds, read, lambda found: found is not None
+            )
     if found is None:
         raise NotFound(f"no score {score_id} in {scope.entity}/{scope.project}")
     return found
+
+
+async def wait_until_stored(
+    scope: ProjectScope, score_ids: Sequence[UUID], wait: float | None
+) -> None:
+    """Wait, up to `wait` seconds (wait_seconds), until the recent ones of score_ids are
+    stored in the project or settled otherwise (deleted, refused)."""
+    recent = [score_id for score_id in score_ids if is_recent(scope, score_id)]
+    seconds = wait_seconds(scope, wait)
+    if not recent or seconds <= 0:
+        return
+    pool = scope.services.read_pool
+
+    async def missing() -> set[UUID]:
+        stored = await repository.stored_ids(pool, scope.entity, scope.project, recent)
+        return set(recent) - stored
+
+    with database_unavailable_as_503():
+        await _read_until_settled(scope, recent, seconds, missing, lambda left: not left)
+
+
+async def stored_representation(
+    scope: ProjectScope, score_ids: Sequence[UUID], kind: str, wait: float
+) -> bytes | None:
+    """The stored scores as GET answers them (a JSON list for a batch), once all are stored;
+    None if they are not within `wait` seconds (or the database cannot say): they were
+    accepted all the same, so this never fails."""
+    pool = scope.services.read_pool
+
+    async def read() -> dict[UUID, bytes]:
+        return await repository.read_scores(pool, scope.entity, scope.project, score_ids)
+
+    try:
+        found = await _read_until_settled(
+            scope, score_ids, wait, read, lambda found: len(found) == len(set(score_ids))
+        )
+    except DATABASE_UNAVAILABLE:
+        return None
+    if len(found) != len(set(score_ids)):
+        return None
+    if kind == "single":
+        return found[score_ids[0]]
+    return b"[" + b",".join(found[score_id] for score_id in score_ids) + b"]"
+
+
+def _at(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+async def score_status(scope: ProjectScope, score_id: UUID) -> ScoreStatusRes:
+    """What became of a score, as the project's key may know it (ScoreStatusRes)."""
+    with database_unavailable_as_503():
+        fate = await repository.score_fate(
+            scope.services.read_pool, scope.entity, scope.project, score_id
+        )
+    if fate["stored_at"] is not None:
+        return ScoreStatusRes(state="stored", reason=f"stored at {_at(fate['stored_at'])}")
+    if fate["deleted_at"] is not None:
+        return ScoreStatusRes(
+            state="deleted",
+            reason=f"deleted at {_at(fate['deleted_at'])}: a deleted score is never stored again",
+        )
+    if fate["reason"] is not None:
+        return ScoreStatusRes(
+            state="dead_lettered",
+            reason=(
+                f"{fate['reason']}: {fate['detail']} (refused at {_at(fate['failed_at'])}; "
+                "its message waits in scores.dead until an operator replays or purges it)"
+            ),
+        )
+    recent = scope.services.settings.read_wait_recent_seconds
+    age = minted_seconds_ago(score_id)
+    if age is None:
+        return ScoreStatusRes(state="unknown", reason="not a UUIDv7: no score has this id")
+    if is_recent(scope, score_id):
+        return ScoreStatusRes(
+            state="accepted",
+            reason=(
+                f"in flight: a UUIDv7 minted {max(age, 0):.1f} s ago (within {recent:g} s) that "
+                "is not stored, deleted or refused yet; if a create was answered 200 with it, "
+                "the worker has not stored it yet"
+            ),
+        )
+    return ScoreStatusRes(
+        state="unknown",
+        reason=(
+            f"not stored in this project, deleted or refused, and minted more than {recent:g} s "
+            "ago: the service knows nothing of it (unless its message is still queued behind "
+            "a worker that far behind)"
+        ),
+    )
 
 
 async def list_scores(
@@ -137,9 +296,12 @@ async def list_scores(
     limit: int,
     offset: int,
     after: UUID | None,
+    until: Sequence[UUID] = (),
+    wait: float | None = None,
 ) -> AsyncIterator[bytes]:
     """The project's scores as JSON Lines (after a score id, if given), streamed from the
-    database."""
+    database, once the scores `until` names are stored (wait_until_stored)."""
+    await wait_until_stored(scope, until, wait)
     with database_unavailable_as_503():
         return await repository.open_score_stream(
             scope.services.read_pool,

@@ -42,6 +42,38 @@ FROM scores
 WHERE entity = $1 AND project = $2 AND score_id = $3
 """
 
+# The scores of a create that asked for them back (Prefer: return=representation).
+READ_SCORES = f"""
+SELECT {_ANSWERED_COLUMNS}
+FROM scores
+WHERE entity = $1 AND project = $2 AND score_id = ANY($3::uuid[])
+"""
+
+# Which of these ids are stored in the project (a list's `until`).
+STORED_IDS = """
+SELECT score_id FROM scores
+WHERE entity = $1 AND project = $2 AND score_id = ANY($3::uuid[])
+"""
+
+# What became of a score, as the project's key may know it: stored in the project, deleted
+# in the entity (a tombstone keeps the id out of every project of the entity), and the
+# latest refusal of a message that named the project.
+SCORE_FATE = """
+SELECT
+    (SELECT persisted_at FROM scores
+     WHERE score_id = $3 AND entity = $1 AND project = $2) AS stored_at,
+    (SELECT deleted_at FROM score_tombstones
+     WHERE score_id = $3 AND entity = $1) AS deleted_at,
+    failure.reason, failure.detail, failure.failed_at
+FROM (SELECT 1) AS one
+LEFT JOIN LATERAL (
+    SELECT reason, detail, failed_at FROM score_failures
+    WHERE score_id = $3 AND entity = $1 AND project = $2
+    ORDER BY failed_at DESC
+    LIMIT 1
+) AS failure ON true
+"""
+
 # A page of a list: creation order is score_id order (score ids are UUIDv7), and a page
 # starts after a score id (keyset paging), found in the index on (entity, project[,
 # evaluation_run_id], score_id), so a page deep into a project costs what the first does.

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     list_send_timeout_seconds: float = Field(default=10.0, gt=0)
     idempotency_key_ttl_seconds: float = Field(default=24 * 3600, gt=0)
     tombstone_ttl_seconds: float = Field(default=30 * 24 * 3600, gt=0)
+    # Reads that wait for a fresh score (README "Read your writes").
+    read_wait_seconds: float = Field(default=5.0, ge=0)
+    read_wait_max_seconds: float = Field(default=30.0, ge=0)
+    read_wait_recent_seconds: float = Field(default=60.0, ge=0)
+    read_max_waiting: int = Field(default=500, ge=0)
+    read_wait_recheck_seconds: float = Field(default=0.5, gt=0)
+    score_failure_ttl_seconds: float = Field(default=7 * 24 * 3600, gt=0)
 
     worker_health_host: str = "127.0.0.1"
     worker_health_port: int = Field(default=8001, ge=0, le=65535)

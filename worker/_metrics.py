@@ -1,5 +1,9 @@
 """Prometheus metrics of the worker."""
 
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 SCORES_PERSISTED = Counter("score_ingest_scores_persisted_total", "Scores written to PostgreSQL")
@@ -68,3 +72,33 @@ REDELIVERED = Counter(
     "score_ingest_messages_redelivered_total",
     "Deliveries of messages delivered before (to this worker or another)",
 )
+ACCEPT_TO_STORED_SECONDS = Histogram(
+    "score_ingest_accept_to_stored_seconds",
+    "Time from a score's created_at (the api's 200, or a direct publisher's time) to the commit "
+    "that stored it, per score stored, by entity: the first ENTITY_LABELS (20) entities "
+    "this worker stored, each by name, the rest as `#other`",
+    ["entity"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+ENTITY_LABELS = 20
+"""Entities labelled by name in score_ingest_accept_to_stored_seconds; later ones share one."""
+OTHER_ENTITIES = "#other"  # no entity is named so: `#` is not allowed in names
+_named_entities: dict[str, Any] = {}
+
+
+def _entity_histogram(entity: str) -> Any:
+    histogram = _named_entities.get(entity)
+    if histogram is not None:
+        return histogram
+    if len(_named_entities) < ENTITY_LABELS:
+        histogram = _named_entities[entity] = ACCEPT_TO_STORED_SECONDS.labels(entity)
+        return histogram
+    return ACCEPT_TO_STORED_SECONDS.labels(OTHER_ENTITIES)
+
+
+def observe_accept_to_stored(
+    stored: Iterable[tuple[str, datetime]], committed_at: datetime
+) -> None:
+    """Observe the time from created_at to committed_at of each (entity, created_at) stored."""
+    for entity, created_at in stored:
+        _entity_histogram(entity).observe((committed_at - created_at).total_seconds())

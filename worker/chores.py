@@ -17,16 +17,23 @@ _QUEUE_DEPTH_INTERVAL_SECONDS = 5
 
 
 async def purge_expired_periodically(store: ScoreStore, settings: Settings) -> None:
-    """Forget Idempotency-Keys and tombstones past their retention, every ten minutes."""
+    """Forget Idempotency-Keys, tombstones and refusals past their retention, every ten
+    minutes."""
     while True:
         try:
             purged = await store.purge_idempotency_keys(settings.idempotency_key_ttl_seconds)
             buried = await store.purge_tombstones(settings.tombstone_ttl_seconds)
+            forgotten = await store.purge_failures(settings.score_failure_ttl_seconds)
         except Exception as exc:  # the next round tries again; scores are unaffected
-            log.warning("purging expired Idempotency-Keys or tombstones failed: %s", exc)
+            log.warning("purging expired Idempotency-Keys, tombstones or refusals failed: %s", exc)
         else:
-            if purged or buried:
-                log.info("purged %d expired Idempotency-Keys, %d tombstones", purged, buried)
+            if purged or buried or forgotten:
+                log.info(
+                    "purged %d expired Idempotency-Keys, %d tombstones, %d refusals",
+                    purged,
+                    buried,
+                    forgotten,
+                )
         await asyncio.sleep(_PURGE_INTERVAL_SECONDS)
 
 

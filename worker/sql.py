@@ -1,6 +1,7 @@
 """Every SQL statement the worker runs."""
 
 from shared.score_fields import SCORE_FIELDS, Kind, ScoreField
+from shared.stored_events import CHANNEL, IDS_PER_NOTIFY, SEPARATOR
 
 # Shared per-project locks: inserts run side by side, while a delete in the same project
 # (which takes the lock exclusively, see api/sql.py) waits for them and they for it, so a
@@ -31,7 +32,8 @@ _STORED = ", ".join(_stored(field) for field in SCORE_FIELDS)
 # One statement per batch. Its parameters are one array per column, in the order of
 # SCORE_FIELDS (a row's), which unnest turns back into rows. The primary key makes
 # redelivered or re-published scores no-ops, and tombstones keep deleted ids deleted in every
-# project of the entity that deleted them.
+# project of the entity that deleted them. It returns what the accept-to-stored histogram
+# needs of the rows it stored (worker/_metrics.py).
 INSERT_SCORES = f"""
 INSERT INTO scores ({_COLUMNS})
 SELECT {_STORED}
@@ -41,6 +43,25 @@ WHERE NOT EXISTS (
     WHERE t.score_id = batch.score_id AND t.entity = batch.entity
 )
 ON CONFLICT (score_id) DO NOTHING
+RETURNING entity, created_at
+"""
+
+# The apis' waiting reads hear of settled ids through NOTIFY, sent at commit
+# (shared/stored_events.py): the ids in chunks that fit NOTIFY's 8000 bytes, one statement.
+ANNOUNCE_SETTLED = f"""
+SELECT count(pg_notify('{CHANNEL}', chunk))
+FROM (
+    SELECT string_agg(ids.score_id::text, '{SEPARATOR}' ORDER BY ids.n) AS chunk
+    FROM unnest($1::uuid[]) WITH ORDINALITY AS ids (score_id, n)
+    GROUP BY (ids.n - 1) / {IDS_PER_NOTIFY}
+) AS chunks
+"""
+
+# Why scores were refused, one row each, for GET .../scores/{score_id}/status.
+INSERT_FAILURES = """
+INSERT INTO score_failures (score_id, entity, project, reason, detail)
+SELECT failed.score_id, failed.entity, failed.project, $4, $5
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS failed (score_id, entity, project)
 """
 
 PURGE_IDEMPOTENCY_KEYS = """
@@ -57,6 +78,15 @@ DELETE FROM score_tombstones
 WHERE ctid IN (
     SELECT ctid FROM score_tombstones
     WHERE deleted_at < now() - make_interval(secs => $1)
+    LIMIT $2
+)
+"""
+
+PURGE_FAILURES = """
+DELETE FROM score_failures
+WHERE ctid IN (
+    SELECT ctid FROM score_failures
+    WHERE failed_at < now() - make_interval(secs => $1)
     LIMIT $2
 )
 """

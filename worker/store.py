@@ -2,17 +2,34 @@
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import NamedTuple
 
 import asyncpg
 
 from shared.score_fields import FIELD_NAMES
 from worker import sql
+from worker._metrics import observe_accept_to_stored
 from worker.decode import ScoreRow
 
+log = logging.getLogger(__name__)
+
 _INSERT_TIMEOUT_SECONDS = 60
-# Where a row holds its entity and project, which the INSERT locks.
+_FAILURE_TIMEOUT_SECONDS = 5
+# Where a row holds its id, entity and project (the INSERT locks the projects, and
+# announces the ids).
+_SCORE_ID = FIELD_NAMES.index("score_id")
 _ENTITY, _PROJECT = FIELD_NAMES.index("entity"), FIELD_NAMES.index("project")
+
+
+class FailedScore(NamedTuple):
+    """A score the worker refused, as its message named it."""
+
+    score_id: str
+    entity: str
+    project: str
 
 
 class StorageRejected(Exception):
@@ -52,12 +69,41 @@ class ScoreStore:
                     [entity for entity, _ in projects],
                     [project for _, project in projects],
                 )
-                status = await conn.execute(
+                stored = await conn.fetch(
                     sql.INSERT_SCORES, *columns, timeout=_INSERT_TIMEOUT_SECONDS
                 )
+                # Every id of the batch is settled at commit, stored now or before, or deleted.
+                await conn.execute(sql.ANNOUNCE_SETTLED, columns[_SCORE_ID])
         except _DATA_ERRORS as exc:
             raise StorageRejected(str(exc)) from exc
-        return int(status.rsplit(" ", 1)[-1])
+        try:
+            observe_accept_to_stored(
+                [(row["entity"], row["created_at"]) for row in stored], datetime.now(UTC)
+            )
+        except Exception:  # metrics must never cost a stored batch its ack
+            log.exception("observing a stored batch's accept-to-stored times failed")
+        return len(stored)
+
+    async def record_failures(
+        self, failed: Sequence[FailedScore], reason: str, detail: str
+    ) -> None:
+        """Record why these scores were refused, and announce them as settled, at once."""
+        ids = [score.score_id for score in failed]
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                sql.INSERT_FAILURES,
+                ids,
+                [score.entity for score in failed],
+                [score.project for score in failed],
+                reason,
+                detail,
+                timeout=_FAILURE_TIMEOUT_SECONDS,
+            )
+            await conn.execute(sql.ANNOUNCE_SETTLED, ids, timeout=_FAILURE_TIMEOUT_SECONDS)
+
+    async def purge_failures(self, older_than_seconds: float, chunk: int = 10_000) -> int:
+        """Forget refusals older than the retention period; returns how many."""
+        return await self._purge(sql.PURGE_FAILURES, older_than_seconds, chunk)
 
     async def purge_idempotency_keys(self, older_than_seconds: float, chunk: int = 10_000) -> int:
         """Forget Idempotency-Keys older than the retention period; returns how many."""

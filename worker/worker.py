@@ -148,6 +148,7 @@ class ScoreWorker:
             await dead_letter_channel.get_exchange(topology.dead_letter_exchange.name),
             self._consumer,
             settings.publish_timeout_seconds,
+            store,
         )
         self._pipeline = StorePipeline(
             store, self._consumer, dead_letters, settings.worker_retry_max_seconds

@@ -1,0 +1,178 @@
+"""One LISTEN connection per api process, which wakes the requests waiting for scores.
+
+The worker announces every id it settles (stored, found stored or deleted, or refused) with
+a NOTIFY inside the transaction that settles it (shared/stored_events.py). An api process
+listens on one connection of its own, made when the app starts and made again after it is
+lost, and wakes the requests that wait for those ids: a waiting request holds no database
+connection and costs no query while it waits, only a re-read once woken.
+
+While the listener is down, announcements are lost: every waiting request is woken to
+re-read at once when the connection goes and again when it is back, and in between waits
+at most READ_WAIT_RECHECK_SECONDS before it re-reads, so nothing waits on an announcement
+that cannot come. At most READ_MAX_WAITING requests wait at once; past that, `watch` gives
+None and the request is answered as if it asked for no wait.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator
+from uuid import UUID
+
+import asyncpg
+
+from shared.stored_events import CHANNEL, settled_ids
+
+log = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_SECONDS = 5
+# How often the idle listening connection is checked: a link that died silently (no reset)
+# would otherwise leave the listener deaf without knowing it.
+_PING_INTERVAL_SECONDS = 5
+_PING_TIMEOUT_SECONDS = 2
+_RETRY_MIN_SECONDS = 0.1
+_RETRY_MAX_SECONDS = 5
+
+
+class Watch:
+    """The score ids one request waits for; settled once each was announced."""
+
+    def __init__(self, score_ids: set[str]) -> None:
+        self.pending = score_ids
+        self._woken = asyncio.Event()
+
+    @property
+    def settled(self) -> bool:
+        """Whether every id was announced settled since the watch began."""
+        return not self.pending
+
+    def settle(self, score_id: str) -> None:
+        """Note an id announced; wake the request once none is pending."""
+        self.pending.discard(score_id)
+        if not self.pending:
+            self._woken.set()
+
+    def recheck(self) -> None:
+        """Wake the request to re-read: announcements may have been lost."""
+        self._woken.set()
+
+    async def wait(self, seconds: float) -> None:
+        """Return when every id is settled, a re-read is asked for, or seconds pass."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._woken.wait()
+        self._woken.clear()
+
+
+class StoredEvents:
+    """The api process's listener for settled scores, and the requests waiting on it."""
+
+    def __init__(self, database_url: str, max_waiting: int, recheck_seconds: float) -> None:
+        self._url = database_url
+        self._max_waiting = max_waiting
+        self._recheck_seconds = recheck_seconds
+        self._watches: dict[str, set[Watch]] = {}
+        self._waiting: set[Watch] = set()
+        self._connected = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def connected(self) -> bool:
+        """Whether announcements are being heard right now."""
+        return self._connected
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting right now."""
+        return len(self._waiting)
+
+    def start(self) -> None:
+        """Start listening, in the background; connecting is retried until it succeeds."""
+        self._task = asyncio.create_task(self._listen_forever())
+
+    async def close(self) -> None:
+        """Stop listening."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def wait_at_most(self, remaining: float) -> float:
+        """How long a request may wait before it re-reads: the rest of its wait, or while
+        announcements are not heard, READ_WAIT_RECHECK_SECONDS at most."""
+        return remaining if self._connected else min(remaining, self._recheck_seconds)
+
+    @contextlib.contextmanager
+    def watch(self, score_ids: Iterable[UUID]) -> Iterator[Watch | None]:
+        """A Watch of these ids for the length of the block, or None when READ_MAX_WAITING
+        requests wait already."""
+        if len(self._waiting) >= self._max_waiting:
+            yield None
+            return
+        watch = Watch({str(score_id) for score_id in score_ids})
+        keys = list(watch.pending)
+        self._waiting.add(watch)
+        for key in keys:
+            self._watches.setdefault(key, set()).add(watch)
+        try:
+            yield watch
+        finally:
+            self._waiting.discard(watch)
+            for key in keys:
+                watchers = self._watches.get(key)
+                if watchers is not None:
+                    watchers.discard(watch)
+                    if not watchers:
+                        del self._watches[key]
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if not self._watches:  # the usual case under load: nobody waits
+            return
+        for score_id in settled_ids(str(payload)):
+            for watch in self._watches.get(score_id, ()):
+                watch.settle(score_id)
+
+    def _recheck_all(self) -> None:
+        for watch in self._waiting:
+            watch.recheck()
+
+    async def _listen_forever(self) -> None:
+        delay = _RETRY_MIN_SECONDS
+        while True:
+            try:
+                conn = await asyncpg.connect(
+                    self._url,
+                    timeout=_CONNECT_TIMEOUT_SECONDS,
+                    server_settings={"application_name": "score-ingest api listener"},
+                )
+            except Exception as exc:  # unreachable, refused, starting: try again later
+                log.warning("the listener for stored scores cannot connect (%s); retrying", exc)
+            else:
+                delay = _RETRY_MIN_SECONDS  # connected: after a loss, try again at once
+                try:
+                    await self._listen(conn)
+                except Exception as exc:  # the connection failed: make a new one
+                    log.warning("the listener for stored scores lost its connection (%s)", exc)
+                finally:
+                    self._connected = False
+                    self._recheck_all()
+                    conn.terminate()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY_MAX_SECONDS)
+
+    async def _listen(self, conn: asyncpg.Connection) -> None:
+        """Listen on conn until it is lost."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _: lost.set())
+        await conn.add_listener(CHANNEL, self._on_notify)
+        self._connected = True
+        # What was announced before LISTEN took effect was not heard.
+        self._recheck_all()
+        log.info("listening for stored scores")
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_PING_INTERVAL_SECONDS):
+                    await lost.wait()
+            if not lost.is_set():
+                await conn.fetchval("SELECT 1", timeout=_PING_TIMEOUT_SECONDS)
+        raise ConnectionError("the connection was closed")

@@ -1,0 +1,20 @@
+"""What the worker announces to the apis when scores are settled, and how.
+
+The worker sends a PostgreSQL NOTIFY on CHANNEL inside each transaction that settles scores
+(stores them, finds them stored or deleted already, or records why it refused them), so the
+apis hear of them exactly when the commit makes them visible, and not at all if it rolls
+back. A payload is the settled score ids, as text, joined by commas: at most IDS_PER_NOTIFY
+of them (NOTIFY takes at most 8000 bytes; 200 ids take 7399), a batch taking as many
+notifications as it needs.
+"""
+
+from typing import Final
+
+CHANNEL: Final = "score_ingest_settled"
+IDS_PER_NOTIFY: Final = 200
+SEPARATOR: Final = ","
+
+
+def settled_ids(payload: str) -> list[str]:
+    """The score ids (canonical lower-case text) a notification announces."""
+    return payload.split(SEPARATOR) if payload else []
