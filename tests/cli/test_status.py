@@ -199,8 +199,6 @@ async def test_status_reads_the_queues_through_a_node_that_answers(settings: Set
 
 async def test_status_says_which_queue_is_not_declared(settings: Settings) -> None:
     bare = settings.model_copy(update={"database_url": settings.database_url + "_missing"})
-    async with connect_broker(settings):
-        pass
     connection = await aio_pika.connect(settings.amqp_url)
     async with connection:
         channel = await connection.channel()
