@@ -44,7 +44,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         publisher = ScorePublisher(settings)
         publisher.start()
         stored_events = StoredEvents(
-            settings.database_url, settings.read_max_waiting, settings.read_wait_recheck_seconds
+            settings.database_url,
+            read_pool,
+            settings.read_max_waiting,
+            settings.read_wait_recheck_seconds,
         )
         stored_events.start()
         app.state.services = Services(

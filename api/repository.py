@@ -3,7 +3,7 @@
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 import asyncpg
@@ -168,15 +168,24 @@ async def read_scores(
     return {row["score_id"]: score_json(row) for row in rows}
 
 
-async def stored_ids(
-    pool: BoundedPool, entity: str, project: str, score_ids: Sequence[UUID]
-) -> set[UUID]:
-    """Which of score_ids are stored in the project."""
+class SettledScore(NamedTuple):
+    """A stored score found by its id alone, with the project it belongs to."""
+
+    entity: str
+    project: str
+    json: bytes
+
+
+async def read_settled(pool: BoundedPool, score_ids: Sequence[str]) -> dict[str, SettledScore]:
+    """The stored scores among score_ids, in whatever project, by id (as text)."""
     async with pool.connection() as conn:
-        rows = await conn.fetch(
-            sql.STORED_IDS, entity, project, score_ids, timeout=pool.query_timeout
+        rows = await conn.fetch(sql.READ_SETTLED, score_ids, timeout=pool.query_timeout)
+    return {
+        str(row["score_id"]): SettledScore(
+            row["entity"], row["project"], score_json(tuple(row)[2:])
         )
-    return {row["score_id"] for row in rows}
+        for row in rows
+    }
 
 
 async def score_fate(

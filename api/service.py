@@ -4,9 +4,9 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 from uuid import UUID
 
 from fastapi import status
@@ -123,9 +123,6 @@ async def create_scores(
     return score_ids
 
 
-T = TypeVar("T")
-
-
 def minted_seconds_ago(score_id: UUID) -> float | None:
     """How long ago a UUIDv7 was minted, by its timestamp (negative: ahead of our clock);
     None for any other id."""
@@ -150,30 +147,44 @@ def wait_seconds(scope: ProjectScope, asked: float | None) -> float:
     )
 
 
-async def _read_until_settled(
-    scope: ProjectScope,
-    score_ids: Sequence[UUID],
-    seconds: float,
-    read: Callable[[], Awaitable[T]],
-    done: Callable[[T], bool],
-) -> T:
-    """read() until done(), waiting up to seconds for the worker to settle score_ids.
+async def _stored_scores(
+    scope: ProjectScope, score_ids: Sequence[UUID], seconds: float
+) -> dict[UUID, bytes]:
+    """The scores of the project among score_ids, as JSON by id, waiting up to `seconds` for
+    the worker to settle those not stored yet.
 
-    Between reads the request holds no database connection: it waits for the listener's
-    announcement (api/stored_events.py), then reads once more. Past READ_MAX_WAITING
-    waiting requests, it reads once, as if it asked for no wait.
+    A waiting request holds no database connection: it waits for the listener's
+    announcement (api/stored_events.py), which brings the scores it waits for, or re-reads
+    when the listener asks it to or cannot hear announcements. Past READ_MAX_WAITING
+    waiting requests, it does not wait.
     """
+    pool = scope.services.read_pool
+
+    async def read(ids: Sequence[UUID]) -> dict[UUID, bytes]:
+        return await repository.read_scores(pool, scope.entity, scope.project, ids)
+
+    found = await read(score_ids)
+    missing = [score_id for score_id in dict.fromkeys(score_ids) if score_id not in found]
+    if not missing or seconds <= 0:
+        return found
     events = scope.services.stored_events
-    with events.watch(score_ids) as watch:
+    with events.watch(missing, scope.entity, scope.project) as watch:
+        if watch is None:
+            return found
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        while True:
-            # Read after the watch began: an id settled in between is found here.
-            result = await read()
-            remaining = deadline - loop.time()
-            if done(result) or watch is None or watch.settled or remaining <= 0:
-                return result
+        # Read again once watching: a score settled in between is found here.
+        found |= await read(missing)
+        while (remaining := deadline - loop.time()) > 0 and any(
+            score_id not in found for score_id in missing
+        ):
             await watch.wait(events.wait_at_most(remaining))
+            if watch.settled:
+                return found | watch.stored
+            found |= watch.stored | await read(
+                [score_id for score_id in missing if score_id not in found]
+            )
+        return found
 
 
 async def read_score(scope: ProjectScope, score_id: UUID, wait: float | None) -> bytes:
@@ -182,18 +193,9 @@ async def read_score(scope: ProjectScope, score_id: UUID, wait: float | None) ->
     A score not stored yet whose id is recent (is_recent) is waited for, up to `wait`
     seconds (wait_seconds), until the worker settles it.
     """
-    pool = scope.services.read_pool
-
-    async def read() -> bytes | None:
-        return await repository.read_score(pool, scope.entity, scope.project, score_id)
-
+    seconds = wait_seconds(scope, wait) if is_recent(scope, score_id) else 0
     with database_unavailable_as_503():
-        found = await read()
-        seconds = wait_seconds(scope, wait)
-        if found is None and seconds > 0 and is_recent(scope, score_id):
-            found = await _read_until_settled(
-                scope, [score_id], seconds, read, lambda found: found is not None
-            )
+        found = (await _stored_scores(scope, [score_id], seconds)).get(score_id)
     if found is None:
         raise NotFound(f"no score {score_id} in {scope.entity}/{scope.project}")
     return found
@@ -205,17 +207,9 @@ async def wait_until_stored(
     """Wait, up to `wait` seconds (wait_seconds), until the recent ones of score_ids are
     stored in the project or settled otherwise (deleted, refused)."""
     recent = [score_id for score_id in score_ids if is_recent(scope, score_id)]
-    seconds = wait_seconds(scope, wait)
-    if not recent or seconds <= 0:
-        return
-    pool = scope.services.read_pool
-
-    async def missing() -> set[UUID]:
-        stored = await repository.stored_ids(pool, scope.entity, scope.project, recent)
-        return set(recent) - stored
-
-    with database_unavailable_as_503():
-        await _read_until_settled(scope, recent, seconds, missing, lambda left: not left)
+    if recent:
+        with database_unavailable_as_503():
+            await _stored_scores(scope, recent, wait_seconds(scope, wait))
 
 
 async def stored_representation(
@@ -224,18 +218,11 @@ async def stored_representation(
     """The stored scores as GET answers them (a JSON list for a batch), once all are stored;
     None if they are not within `wait` seconds (or the database cannot say): they were
     accepted all the same, so this never fails."""
-    pool = scope.services.read_pool
-
-    async def read() -> dict[UUID, bytes]:
-        return await repository.read_scores(pool, scope.entity, scope.project, score_ids)
-
     try:
-        found = await _read_until_settled(
-            scope, score_ids, wait, read, lambda found: len(found) == len(set(score_ids))
-        )
+        found = await _stored_scores(scope, score_ids, wait)
     except DATABASE_UNAVAILABLE:
         return None
-    if len(found) != len(set(score_ids)):
+    if any(score_id not in found for score_id in score_ids):
         return None
     if kind == "single":
         return found[score_ids[0]]

@@ -49,10 +49,12 @@ FROM scores
 WHERE entity = $1 AND project = $2 AND score_id = ANY($3::uuid[])
 """
 
-# Which of these ids are stored in the project (a list's `until`).
-STORED_IDS = """
-SELECT score_id FROM scores
-WHERE entity = $1 AND project = $2 AND score_id = ANY($3::uuid[])
+# The scores the worker announced as settled that requests wait for, in whatever project
+# (each request takes those of its own): the project first, then what a read answers.
+READ_SETTLED = f"""
+SELECT entity, project, {_ANSWERED_COLUMNS}
+FROM scores
+WHERE score_id = ANY($1::uuid[])
 """
 
 # What became of a score, as the project's key may know it: stored in the project, deleted

@@ -4,7 +4,10 @@ The worker announces every id it settles (stored, found stored or deleted, or re
 a NOTIFY inside the transaction that settles it (shared/stored_events.py). An api process
 listens on one connection of its own, made when the app starts and made again after it is
 lost, and wakes the requests that wait for those ids: a waiting request holds no database
-connection and costs no query while it waits, only a re-read once woken.
+connection and costs no query while it waits. For each announcement that concerns waiting
+requests the listener reads the scores once, for all of them, and hands each request the
+ones of its project: a batch that settles hundreds of waiting reads costs one query, not a
+herd of them on the read pool.
 
 While the listener is down, announcements are lost: every waiting request is woken to
 re-read at once when the connection goes and again when it is back, and in between waits
@@ -21,6 +24,8 @@ from uuid import UUID
 
 import asyncpg
 
+from api import repository
+from api.repository import BoundedPool
 from shared.stored_events import CHANNEL, settled_ids
 
 log = logging.getLogger(__name__)
@@ -35,10 +40,13 @@ _RETRY_MAX_SECONDS = 5
 
 
 class Watch:
-    """The score ids one request waits for; settled once each was announced."""
+    """The score ids one request waits for in a project; settled once each was announced,
+    with the JSON of those stored in the project."""
 
-    def __init__(self, score_ids: set[str]) -> None:
+    def __init__(self, score_ids: set[str], entity: str, project: str) -> None:
         self.pending = score_ids
+        self.stored: dict[UUID, bytes] = {}
+        self._project = (entity, project)
         self._woken = asyncio.Event()
 
     @property
@@ -46,9 +54,12 @@ class Watch:
         """Whether every id was announced settled since the watch began."""
         return not self.pending
 
-    def settle(self, score_id: str) -> None:
-        """Note an id announced; wake the request once none is pending."""
+    def settle(self, score_id: str, found: repository.SettledScore | None) -> None:
+        """Note an id announced, and the score stored with it if it is in the watch's
+        project; wake the request once none is pending."""
         self.pending.discard(score_id)
+        if found is not None and (found.entity, found.project) == self._project:
+            self.stored[UUID(score_id)] = found.json
         if not self.pending:
             self._woken.set()
 
@@ -67,14 +78,18 @@ class Watch:
 class StoredEvents:
     """The api process's listener for settled scores, and the requests waiting on it."""
 
-    def __init__(self, database_url: str, max_waiting: int, recheck_seconds: float) -> None:
+    def __init__(
+        self, database_url: str, pool: BoundedPool, max_waiting: int, recheck_seconds: float
+    ) -> None:
         self._url = database_url
+        self._pool = pool
         self._max_waiting = max_waiting
         self._recheck_seconds = recheck_seconds
         self._watches: dict[str, set[Watch]] = {}
         self._waiting: set[Watch] = set()
         self._connected = False
         self._task: asyncio.Task[None] | None = None
+        self._reads: set[asyncio.Task[None]] = set()
 
     @property
     def connected(self) -> bool:
@@ -91,11 +106,12 @@ class StoredEvents:
         self._task = asyncio.create_task(self._listen_forever())
 
     async def close(self) -> None:
-        """Stop listening."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        """Stop listening, and reading what was announced."""
+        for task in (self._task, *self._reads):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def wait_at_most(self, remaining: float) -> float:
         """How long a request may wait before it re-reads: the rest of its wait, or while
@@ -103,13 +119,13 @@ class StoredEvents:
         return remaining if self._connected else min(remaining, self._recheck_seconds)
 
     @contextlib.contextmanager
-    def watch(self, score_ids: Iterable[UUID]) -> Iterator[Watch | None]:
-        """A Watch of these ids for the length of the block, or None when READ_MAX_WAITING
-        requests wait already."""
+    def watch(self, score_ids: Iterable[UUID], entity: str, project: str) -> Iterator[Watch | None]:
+        """A Watch of these ids of the project for the length of the block, or None when
+        READ_MAX_WAITING requests wait already."""
         if len(self._waiting) >= self._max_waiting:
             yield None
             return
-        watch = Watch({str(score_id) for score_id in score_ids})
+        watch = Watch({str(score_id) for score_id in score_ids}, entity, project)
         keys = list(watch.pending)
         self._waiting.add(watch)
         for key in keys:
@@ -128,9 +144,26 @@ class StoredEvents:
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if not self._watches:  # the usual case under load: nobody waits
             return
-        for score_id in settled_ids(str(payload)):
-            for watch in self._watches.get(score_id, ()):
-                watch.settle(score_id)
+        watched = [score_id for score_id in settled_ids(str(payload)) if score_id in self._watches]
+        if watched:
+            task = asyncio.create_task(self._settle(watched))
+            self._reads.add(task)
+            task.add_done_callback(self._reads.discard)
+
+    async def _settle(self, score_ids: list[str]) -> None:
+        """Read the announced scores once for every request waiting for them, and settle
+        their watches; if the read fails, the requests re-read for themselves."""
+        try:
+            found = await repository.read_settled(self._pool, score_ids)
+        except Exception as exc:  # unavailable or busy: each request tries on its own
+            log.warning("reading %d announced scores failed: %s", len(score_ids), exc)
+            for score_id in score_ids:
+                for watch in list(self._watches.get(score_id, ())):
+                    watch.recheck()
+            return
+        for score_id in score_ids:
+            for watch in list(self._watches.get(score_id, ())):
+                watch.settle(score_id, found.get(score_id))
 
     def _recheck_all(self) -> None:
         for watch in self._waiting:
