@@ -1,4 +1,5 @@
-"""W&B's Weave SDK drives a running api and worker: create, read, list (filtered, paged), delete."""
+"""W&B's Weave SDK drives a running api and worker: create and read back at once, list
+(filtered, paged), delete."""
 
 import asyncio
 from collections.abc import Callable, Mapping
@@ -11,7 +12,7 @@ from weave.trace_server_bindings.remote_http_trace_server import RemoteHTTPTrace
 from weave.vendor.weave_server_sdk import NotFoundError
 
 from shared.settings import Settings
-from tests.conftest import ENTITY, PROJECT, wait_for_count
+from tests.conftest import ENTITY, PROJECT
 from tests.support.processes import api_process, worker_process
 
 PROJECT_ID = f"{ENTITY}/{PROJECT}"
@@ -47,27 +48,26 @@ async def test_create_read_list_and_delete_through_the_weave_sdk(
         await api.wait_until_ready()
         server = RemoteHTTPTraceServer(api.base_url, password=api_key)
 
-        created = [
-            await _sdk(
+        ids = []
+        for i, run in enumerate(RUNS):
+            value = {"correct": i % 2 == 0, "score": i / 4}
+            created = await _sdk(
                 server.score_create,
                 prediction_id=f"prediction-{i}",
                 scorer=SCORER,
-                value={"correct": i % 2 == 0, "score": i / 4},
+                value=value,
                 evaluation_run_id=run,
             )
-            for i, run in enumerate(RUNS)
-        ]
-        ids = [score.score_id for score in created]
+            # Read back at once, with no sleep: the read waits for the worker to store it.
+            read = await _sdk(server.score_read, score_id=created.score_id)
+            assert read.score_id == created.score_id
+            assert read.scorer == SCORER
+            assert read.value == value
+            assert read.evaluation_run_id == run
+            assert read.wb_user_id == key_id
+            ids.append(created.score_id)
         assert len(set(ids)) == len(RUNS)
-        stored = await wait_for_count(db, COUNT_PROJECT_SCORES, len(ids), ENTITY, PROJECT)
-        assert stored == len(ids)
-
-        read = await _sdk(server.score_read, score_id=ids[3])
-        assert read.score_id == ids[3]
-        assert read.scorer == SCORER
-        assert read.value == {"correct": False, "score": 0.75}
-        assert read.evaluation_run_id == "run-b"
-        assert read.wb_user_id == key_id
+        assert await db.fetchval(COUNT_PROJECT_SCORES, ENTITY, PROJECT) == len(ids)
 
         assert await _list_ids(server) == ids
         assert await _list_ids(server, evaluation_run_id="run-a") == [ids[0], ids[2], ids[4]]
