@@ -2,15 +2,17 @@
 
 AMQP_URL may name several nodes of a cluster, `amqp://user:pass@h1:5672,h2:5672/vhost`, all
 with the same credentials, vhost and options. Clients (aiormq, aio-pika, the api's own) take
-one host, so every connection is made to one node's URL (`broker_nodes`), and each attempt,
-after a failure or a loss, goes to the next node (`BrokerNodes`): a node that died is not
-tried again first.
+one host, so every connection is made to one node's URL (`broker_nodes`). The first goes to
+the first node written; each later attempt, after a failure or a loss, to a node picked at
+random among the others (`BrokerNodes`): a node that died is not tried again first, and the
+processes that lost it spread over the rest instead of all moving to the same next node.
 """
 
 import asyncio
 import logging
+import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -84,11 +86,13 @@ def node_address(node_url: str) -> str:
 
 
 class BrokerNodes:
-    """The nodes of an AMQP URL, taken in turn: each connection attempt goes to the next."""
+    """The nodes of an AMQP URL and which to try next: the first written, then, after each
+    attempt, one picked at random among the others."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, rng: random.Random | None = None) -> None:
         self.urls: Final = broker_nodes(url)
-        self._next = 0
+        self._rng = rng if rng is not None else random.Random()
+        self._last: int | None = None
         self._address: str | None = None
 
     @property
@@ -96,12 +100,21 @@ class BrokerNodes:
         """`host:port` of the node last taken (connected to, or being tried); None before."""
         return self._address
 
-    def take(self) -> str:
-        """The URL of the next node, round-robin, from the first one written."""
-        url = self.urls[self._next]
-        self._next = (self._next + 1) % len(self.urls)
-        self._address = node_address(url)
-        return url
+    def take(self, avoid: Collection[str] = ()) -> str:
+        """The URL of the node to try next: the first node written if none was taken yet,
+        else one at random among the others than the last taken (that one only if it is
+        alone), passing over those whose `host:port` is in avoid (the node another connection
+        of the process uses, or one already tried) while one is left."""
+        everyone = range(len(self.urls))
+        if self._last is None and node_address(self.urls[0]) not in avoid:
+            chosen = 0
+        else:
+            others = [i for i in everyone if i != self._last] or list(everyone)
+            wanted = [i for i in others if node_address(self.urls[i]) not in avoid]
+            chosen = self._rng.choice(wanted or others)
+        self._last = chosen
+        self._address = node_address(self.urls[chosen])
+        return self.urls[chosen]
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -128,12 +141,14 @@ async def retry_until_connected(
     connect: Callable[[str], Awaitable[T]],
     errors: tuple[type[BaseException], ...],
     nodes: BrokerNodes,
+    avoid: Callable[[], Collection[str]] = tuple,
 ) -> T:
-    """Call connect with the next node's URL until it returns, backing off from 0.1 s to
-    MAX_BACKOFF_SECONDS while it raises one of errors (that node is not reachable)."""
+    """Call connect with the next node's URL (BrokerNodes.take, avoiding what avoid() names)
+    until it returns, backing off from 0.1 s to MAX_BACKOFF_SECONDS while it raises one of
+    errors (that node is not reachable)."""
     delay = 0.1
     while True:
-        url = nodes.take()
+        url = nodes.take(avoid())
         try:
             return await connect(url)
         except errors as exc:
@@ -153,25 +168,28 @@ async def connect_to_a_node(
     errors: tuple[type[BaseException], ...],
     nodes: BrokerNodes,
 ) -> T:
-    """Call connect with each node's URL in turn until one returns; if every node raised
-    one of errors, raise the last node's error. For one-off commands, which do not wait."""
+    """Call connect with each node's URL once (the first written first) until one returns;
+    if every node raised one of errors, raise the last node's error. For one-off commands,
+    which do not wait."""
+    tried: set[str] = set()
     for remaining in range(len(nodes.urls) - 1, -1, -1):
-        url = nodes.take()
+        url = nodes.take(tried)
         try:
             return await connect(url)
         except errors as exc:
             if not remaining:
                 raise
+            tried.add(node_address(url))
             log.warning("broker node %s not reachable (%s); trying the next", nodes.address, exc)
     raise AssertionError("broker_nodes always gives at least one node")
 
 
 class _NodeRotatingConnection(RobustConnection):
-    """aio-pika's robust connection, whose every reconnect attempt goes to the next node.
+    """aio-pika's robust connection, whose every reconnect attempt goes to another node.
 
     aio-pika reconnects to the URL it was made with. The one step each attempt runs,
     RobustConnection's private `__connect_transport`, is wrapped to point the connection at
-    the next node first: only the first attempt, which `connect_until_ready` made, keeps
+    another node first: only the first attempt, which `connect_until_ready` made, keeps
     the node it was given.
     """
 
@@ -202,7 +220,7 @@ async def connect_until_ready(
 ) -> AbstractRobustConnection:
     """A robust connection to one of url's nodes, retrying with backoff until one answers.
 
-    Once made, the connection reconnects by itself, each attempt to the next node, and
+    Once made, the connection reconnects by itself, each attempt to another node, and
     restores its channels, exchanges, queues and consumers. Whatever headers a delivered
     message carries, decoding them cannot fail the connection (shared/field_tables.py).
     """

@@ -1,9 +1,19 @@
-"""AMQP_URL's nodes: how they are read, refused, and taken in turn (no broker needed)."""
+"""AMQP_URL's nodes: how they are read, refused, and which is taken next (no broker needed)."""
+
+import itertools
+import random
+from collections import Counter
 
 import pytest
 
 from api.amqp import UnsupportedBrokerUrl, parse_amqp_url
-from shared.broker import BrokerNodes, broker_nodes, connect_to_a_node, retry_until_connected
+from shared.broker import (
+    BrokerNodes,
+    broker_nodes,
+    connect_to_a_node,
+    node_address,
+    retry_until_connected,
+)
 
 CLUSTER = "amqp://api:p%40ss@10.1.0.1:5672,10.1.0.2:5673,10.1.0.3/score-ingest?heartbeat=30"
 
@@ -73,12 +83,42 @@ def test_the_api_client_reads_one_node_and_refuses_a_list() -> None:
         parse_amqp_url("amqp://u:p@h1,,h2/")
 
 
-def test_nodes_are_taken_round_robin_from_the_first() -> None:
-    nodes = BrokerNodes(CLUSTER)
+def test_the_first_node_written_is_taken_first_then_never_the_same_twice_in_a_row() -> None:
+    nodes = BrokerNodes(CLUSTER, random.Random(1))
     assert nodes.address is None
-    taken = [nodes.take() for _ in range(4)]
-    assert taken == [*broker_nodes(CLUSTER), broker_nodes(CLUSTER)[0]]
-    assert nodes.address == "10.1.0.1:5672"
+    taken = [nodes.take() for _ in range(60)]
+    assert taken[0] == broker_nodes(CLUSTER)[0]
+    assert nodes.address == node_address(taken[-1])
+    assert all(each != after for each, after in itertools.pairwise(taken)), taken
+    assert set(taken) == set(broker_nodes(CLUSTER))
+
+
+def test_processes_that_lose_the_same_node_spread_over_the_others() -> None:
+    # Each api or worker process has nodes of its own: after losing the first node, they do
+    # not all move to the same next one (and then on together, losing it together).
+    processes = [BrokerNodes(CLUSTER, random.Random(seed)) for seed in range(20)]
+    first = {nodes.take() for nodes in processes}
+    after_the_loss = Counter(nodes.take() for nodes in processes)
+    assert first == {broker_nodes(CLUSTER)[0]}
+    assert set(after_the_loss) == set(broker_nodes(CLUSTER)[1:]), after_the_loss
+    assert min(after_the_loss.values()) >= 5, after_the_loss
+
+
+def test_a_node_to_avoid_is_passed_over_unless_it_is_the_only_other_one() -> None:
+    urls = broker_nodes(CLUSTER)
+    nodes = BrokerNodes(CLUSTER, random.Random(2))
+    # The first node written, unless it is to be avoided: then one of the others.
+    assert nodes.take(avoid={node_address(urls[0])}) in urls[1:]
+    nodes = BrokerNodes(CLUSTER, random.Random(2))
+    assert nodes.take() == urls[0]
+    avoid = {node_address(urls[1])}
+    assert [nodes.take(avoid) for _ in range(6)] == [urls[2], urls[0]] * 3
+
+    two = "amqp://a:5672,b:5672/"
+    nodes = BrokerNodes(two, random.Random(3))
+    assert nodes.take() == "amqp://a:5672/"
+    # The other node is to be avoided, but the one just taken (and lost) is worse.
+    assert nodes.take(avoid={"b:5672"}) == "amqp://b:5672/"
 
 
 class Attempts:
@@ -95,18 +135,25 @@ class Attempts:
         return url
 
 
-async def test_retrying_goes_to_the_next_node_after_each_failure() -> None:
-    nodes = BrokerNodes(CLUSTER)
+async def test_retrying_goes_to_another_node_after_each_failure() -> None:
+    nodes = BrokerNodes(CLUSTER, random.Random(4))
     urls = nodes.urls
     attempts = Attempts({urls[2]})
     assert await retry_until_connected(attempts, (OSError,), nodes) == urls[2]
-    assert attempts.tried == urls
+    assert attempts.tried[0] == urls[0]
+    assert attempts.tried[-1] == urls[2]
+    assert all(each != after for each, after in itertools.pairwise(attempts.tried))
     assert nodes.address == "10.1.0.3:5672"
 
-    # After that node is lost, the next attempt starts with the node after it.
-    attempts = Attempts({urls[1]})
-    assert await retry_until_connected(attempts, (OSError,), nodes) == urls[1]
-    assert attempts.tried == [urls[0], urls[1]]
+    # After that node is lost, the next attempt goes to another one.
+    attempts = Attempts({urls[0], urls[1]})
+    assert await retry_until_connected(attempts, (OSError,), nodes) in urls[:2]
+    assert len(attempts.tried) == 1
+
+    # A node the caller avoids (another connection's) is not tried while another is left.
+    attempts = Attempts({urls[0], urls[1]})
+    avoid = {node_address(urls[0])}
+    assert await retry_until_connected(attempts, (OSError,), nodes, lambda: avoid) == urls[1]
 
 
 async def test_retrying_lets_other_errors_through() -> None:
@@ -121,12 +168,18 @@ async def test_retrying_lets_other_errors_through() -> None:
 
 
 async def test_a_one_off_connection_tries_each_node_once() -> None:
-    nodes = BrokerNodes(CLUSTER)
+    nodes = BrokerNodes(CLUSTER, random.Random(5))
     attempts = Attempts({nodes.urls[1]})
     assert await connect_to_a_node(attempts, (OSError,), nodes) == nodes.urls[1]
-    assert attempts.tried == nodes.urls[:2]
+    assert attempts.tried[0] == nodes.urls[0]
+    assert attempts.tried[-1] == nodes.urls[1]
 
-    nobody = Attempts(set())
-    with pytest.raises(ConnectionRefusedError, match=r"10\.1\.0\.2"):
-        await connect_to_a_node(nobody, (OSError,), nodes)
-    assert nobody.tried == [nodes.urls[2], nodes.urls[0], nodes.urls[1]]
+    for seed in range(5):
+        nodes = BrokerNodes(CLUSTER, random.Random(seed))
+        nobody = Attempts(set())
+        with pytest.raises(ConnectionRefusedError) as refused:
+            await connect_to_a_node(nobody, (OSError,), nodes)
+        assert nobody.tried[0] == nodes.urls[0]
+        assert sorted(nobody.tried) == sorted(nodes.urls)
+        # The error raised is the last node's.
+        assert node_address(nobody.tried[-1]) in str(refused.value)
