@@ -347,6 +347,15 @@ class ConfirmingPublisher(asyncio.Protocol):
         """How many publishes still wait for their confirm (written or not)."""
         return len(self._pending) + len(self._unsent)
 
+    @property
+    def waiting_seconds(self) -> float:
+        """How long the oldest publish the broker has not settled yet has waited (0 if none),
+        its own timeout passed or not."""
+        oldest = self._pending.get(self._lowest_pending) or next(iter(self._unsent), None)
+        if oldest is None:
+            return 0.0
+        return self._loop.time() - (oldest.deadline - self._publish_timeout)
+
     # Publishing
 
     def publish(

@@ -25,7 +25,13 @@ from api.amqp import (
 )
 from api.errors import BrokerUnavailable
 from api.metrics import PUBLISH_CONFIRM_SECONDS, PUBLISH_FAILURES, SCORES_ACCEPTED
-from shared.broker import MAX_BACKOFF_SECONDS, BrokerNodes, retry_until_connected, tls_context
+from shared.broker import (
+    MAX_BACKOFF_SECONDS,
+    BrokerNodes,
+    broker_nodes,
+    retry_until_connected,
+    tls_context,
+)
 from shared.contract import (
     BATCH_MESSAGE_TYPE,
     CONTENT_TYPE,
@@ -44,16 +50,23 @@ BATCH_PROPERTIES = MessageProperties(CONTENT_TYPE, BATCH_MESSAGE_TYPE, APP_ID)
 # What a connect attempt raises while the broker is down or still starting.
 _UNREACHABLE = (OSError, TimeoutError, PublishFailed, *CONNECTION_EXCEPTIONS)
 # A connection whose publishes are nacked, and that has confirmed nothing for STUCK_SECONDS
-# (since it opened, or since its last confirm), is replaced by one to the next node. On
+# (since it opened, or since its last confirm), is replaced by one to another node. On
 # RabbitMQ 3.10, while the node leading scores.persist is cut off from the others, a channel
 # whose first publish comes before the others have noticed (net_ticktime: 15-25 s with 20 s,
 # 45-75 s with the default 60 s) is never told of the next leader: its publishes go
 # unconfirmed until then, and are nacked from then on until the partition heals, while a new
-# channel is confirmed at once. (A connection to a node cut off from the others is left to
-# itself: it closes when the node pauses, at about the same time.) STUCK_SECONDS keeps a full
-# queue, which nacks every publish (x-overflow reject-publish), to one reconnect per that
-# many seconds.
+# channel is confirmed at once. STUCK_SECONDS keeps a full queue, which nacks every publish
+# (x-overflow reject-publish), to one reconnect per that many seconds.
 STUCK_SECONDS = 3.0
+# With several nodes the publisher keeps two connections, to two nodes, and takes them in
+# turn, so that both have published (a channel that has is told of a new leader as soon as
+# the majority elects one, a new one only once the majority notices the cut: see above).
+# A connection whose oldest unconfirmed publish has waited STALLED_SECONDS, or that has not
+# confirmed its first one yet, is stalled: while the other is not, publishes go there only.
+# One stalled for PUBLISH_TIMEOUT_SECONDS while the other confirms is replaced by one to a
+# third node: its node may be cut off, and it is no standby there.
+STALLED_SECONDS = 1.0
+LINKS = 2
 
 # The fields of a ScoreMessage, as the api builds them (see api.service.score_message).
 MessageFields = dict[str, Any]
@@ -64,41 +77,84 @@ _Encoded = tuple[str, bytes]
 _BATCH_OPENING, _BATCH_CLOSING = b'{"scores":[', b"]}"
 
 
-class ScorePublisher:
-    """Keeps one confirming connection to a broker node, reconnecting whenever it is lost.
+class _Link:
+    """One of the publisher's connections, to one node, and what is known of its confirms."""
 
-    Many requests publish on it at once; each waits only for its own confirm. Until the
-    connection is up, and while the broker blocks publishers, publishes fail at once (503).
-    Each connection goes to the next of AMQP_URL's nodes (shared/broker.py): after a loss,
-    not to the node just lost. A publish is made on one connection and fails with it, so
-    none is sent again on the next. A connection whose publishes are nacked while it has
-    confirmed nothing for STUCK_SECONDS is replaced too: after a partition it can be stuck.
+    def __init__(self, url: str, name: str) -> None:
+        self.name = name
+        self.nodes = BrokerNodes(url)
+        self.connection: ConfirmingPublisher | None = None
+        # When the connection opened or last confirmed a publish (time.perf_counter).
+        self.confirmed_at = 0.0
+        # Whether it has confirmed a publish since it opened.
+        self.proven = False
+        # Resolved, with why, when the connection must be replaced.
+        self.leave: asyncio.Future[str] | None = None
+        self.keeping: asyncio.Task[None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Open and not blocked: a publish could be confirmed."""
+        connection = self.connection
+        return connection is not None and connection.is_open and not connection.blocked
+
+    @property
+    def flowing(self) -> bool:
+        """Whether its publishes are being confirmed: none has waited STALLED_SECONDS, and
+        the first it took since it opened, if any, is confirmed (its channel may be stuck)."""
+        connection = self.connection
+        if connection is None or not connection.unconfirmed:
+            return True
+        return self.proven and connection.waiting_seconds < STALLED_SECONDS
+
+    @property
+    def waiting_seconds(self) -> float:
+        """How long its oldest unconfirmed publish has waited (0 if none)."""
+        return 0.0 if self.connection is None else self.connection.waiting_seconds
+
+    def replace(self, why: str) -> None:
+        """Have the connection replaced, by one to another node."""
+        if self.leave is not None and not self.leave.done():
+            self.leave.set_result(why)
+
+
+class ScorePublisher:
+    """Keeps confirming connections to broker nodes, reconnecting whenever one is lost.
+
+    Many requests publish at once; each waits only for its own confirm. Until a connection is
+    up, and while the broker blocks publishers, publishes fail at once (503). With one node,
+    one connection; with several, two, to two nodes, taken in turn (LINKS, STALLED_SECONDS):
+    when one stalls (its node cut off, say) the other takes every publish. Each connection
+    goes to the first node written (the second to another), and after a loss to a node at
+    random among the others, not the other connection's (shared/broker.py). A publish is made
+    on one connection and fails with it, so none is sent again on another. A connection whose
+    publishes are nacked while it has confirmed nothing for STUCK_SECONDS is replaced too:
+    after a partition it can be stuck.
     """
 
     def __init__(self, settings: Settings) -> None:
         # An AMQP_URL the publisher cannot follow, or TLS files it cannot use, stop the api
         # at start-up.
         try:
-            self._nodes = BrokerNodes(settings.amqp_url)
+            nodes = broker_nodes(settings.amqp_url)
         except ValueError as exc:
             raise UnsupportedBrokerUrl(str(exc)) from None
-        for node_url in self._nodes.urls:
+        for node_url in nodes:
             parse_amqp_url(node_url)
         self._tls = tls_context(settings)
         self._settings = settings
-        self._connection: ConfirmingPublisher | None = None
+        self._links = [
+            _Link(settings.amqp_url, name) for name in ("", " (standby)")[: min(LINKS, len(nodes))]
+        ]
+        self._turn = 0
         self._connected = asyncio.Event()
-        # When the connection opened or last confirmed a publish (time.perf_counter).
-        self._confirmed_at = 0.0
-        # Resolved, with why, when the connection is stuck: it is then replaced.
-        self._stuck: asyncio.Future[str] | None = None
-        self._keeping: asyncio.Task[None] | None = None
         self._gathered: list[tuple[_Encoded, asyncio.Future[None]]] = []
         self._gathered_bytes = 0  # of their JSON, commas and batch framing not counted
 
     def start(self) -> None:
         """Begin connecting in the background; until connected, publishes answer 503."""
-        self._keeping = asyncio.create_task(self._keep_connected())
+        for link in self._links:
+            link.keeping = asyncio.create_task(self._keep_connected(link))
 
     async def wait_ready(self) -> None:
         """Wait until connected."""
@@ -107,48 +163,60 @@ class ScorePublisher:
     @property
     def ready(self) -> bool:
         """Whether a publish could be confirmed right now: connected and not blocked."""
-        connection = self._connection
-        return connection is not None and connection.is_open and not connection.blocked
+        return any(link.usable for link in self._links)
 
     @property
     def broker(self) -> dict[str, str | bool | None]:
-        """For /readyz: the node (`host:port`) connected to, or being tried, and whether
-        the connection is open."""
-        connection = self._connection
-        connected = connection is not None and connection.is_open
-        return {"node": self._nodes.address, "connected": connected}
+        """For /readyz: the node (`host:port`) connected to (the first connection's, else the
+        standby's), or being tried, and whether the connection is open."""
+        links = self._links
+        link = next((each for each in links if _is_open(each.connection)), links[0])
+        return {"node": link.nodes.address, "connected": _is_open(link.connection)}
 
-    async def _keep_connected(self) -> None:
+    async def _keep_connected(self, link: _Link) -> None:
         declare = True
         while True:
             try:
                 connection = await retry_until_connected(
-                    partial(self._connect, declare=declare), _UNREACHABLE, self._nodes
+                    partial(self._connect, declare=declare),
+                    _UNREACHABLE,
+                    link.nodes,
+                    partial(self._other_nodes, link),
                 )
             except Exception:
                 # Typically PRECONDITION_FAILED: scores.persist exists with other arguments.
                 log.exception("publisher cannot set up the broker topology")
                 await asyncio.sleep(MAX_BACKOFF_SECONDS)
                 continue
-            self._connection, self._confirmed_at = connection, time.perf_counter()
-            stuck = self._stuck = asyncio.get_running_loop().create_future()
+            link.connection, link.confirmed_at, link.proven = connection, time.perf_counter(), False
+            leave = link.leave = asyncio.get_running_loop().create_future()
             self._connected.set()
-            node = self._nodes.address
-            log.info("publisher connected to broker node %s", node)
-            await asyncio.wait((connection.closed, stuck), return_when=asyncio.FIRST_COMPLETED)
-            self._connected.clear()
+            node = link.nodes.address
+            log.info("publisher connected to broker node %s%s", node, link.name)
+            await asyncio.wait((connection.closed, leave), return_when=asyncio.FIRST_COMPLETED)
+            if not self.ready:
+                self._connected.clear()
             # A stuck connection's publishes reached the queue: the topology is there, and
             # declaring it again could wait as long as a partition lasts.
             declare = connection.closed.done()
             if declare:
-                log.warning("publisher lost broker node %s; reconnecting", node)
+                log.warning("publisher lost broker node %s%s; reconnecting", node, link.name)
             else:
                 log.warning(
-                    "publisher leaves broker node %s, stuck (%s); connecting to the next node",
+                    "publisher leaves broker node %s%s, stuck (%s); connecting to another node",
                     node,
-                    stuck.result(),
+                    link.name,
+                    leave.result(),
                 )
                 await connection.close()
+
+    def _other_nodes(self, link: _Link) -> list[str]:
+        """The nodes the publisher's other connections use, for link to avoid."""
+        return [
+            other.nodes.address
+            for other in self._links
+            if other is not link and other.nodes.address is not None
+        ]
 
     async def _connect(self, node_url: str, *, declare: bool) -> ConfirmingPublisher:
         settings = self._settings
@@ -248,10 +316,11 @@ class ScorePublisher:
         outcomes: list[asyncio.Future[None]],
     ) -> None:
         started = time.perf_counter()
+        link = self._link_to_publish_on()
         try:
-            if self._connection is None:
+            if link is None or link.connection is None:
                 raise PublishFailed("unavailable", "not connected to the message broker")
-            confirm = self._connection.publish(
+            confirm = link.connection.publish(
                 API_EXCHANGE,
                 ROUTING_KEY,
                 body,
@@ -262,10 +331,33 @@ class ScorePublisher:
         except PublishFailed as exc:
             confirm = asyncio.get_running_loop().create_future()
             confirm.set_exception(exc)
-        confirm.add_done_callback(partial(self._pass_on, outcomes, started))
+        confirm.add_done_callback(partial(self._pass_on, link, outcomes, started))
+
+    def _link_to_publish_on(self) -> _Link | None:
+        """The next usable connection in turn, passing stalled ones over while another is
+        not; a connection stalled for PUBLISH_TIMEOUT_SECONDS while another is not is left."""
+        usable = [link for link in self._links if link.usable]
+        flowing = [link for link in usable if link.flowing]
+        if flowing:
+            timeout = self._settings.publish_timeout_seconds
+            for link in usable:
+                if (waited := link.waiting_seconds) >= timeout:
+                    link.replace(
+                        f"publishes unconfirmed for {waited:.0f} s while "
+                        f"{flowing[0].nodes.address} confirms"
+                    )
+        candidates = flowing or usable
+        if not candidates:
+            return None
+        self._turn += 1
+        return candidates[self._turn % len(candidates)]
 
     def _pass_on(
-        self, outcomes: list[asyncio.Future[None]], started: float, confirm: asyncio.Future[None]
+        self,
+        link: _Link | None,
+        outcomes: list[asyncio.Future[None]],
+        started: float,
+        confirm: asyncio.Future[None],
     ) -> None:
         """Hand a message's confirm (or its failure) to every request whose score it holds."""
         error = (
@@ -274,13 +366,15 @@ class ScorePublisher:
             else confirm.exception()
         )
         if error is None:
-            self._confirmed_at = now = time.perf_counter()
+            now = time.perf_counter()
+            if link is not None:
+                link.confirmed_at, link.proven = now, True
             PUBLISH_CONFIRM_SECONDS.observe(now - started)
         else:
             reason = getattr(error, "reason", "unavailable")
             PUBLISH_FAILURES.labels(reason).inc()
-            if reason == "refused":
-                self._check_stuck()
+            if reason == "refused" and link is not None:
+                _check_stuck(link)
         for outcome in outcomes:
             if outcome.done():  # its request is gone (the client disconnected)
                 continue
@@ -289,22 +383,28 @@ class ScorePublisher:
             else:
                 outcome.set_exception(error)
 
-    def _check_stuck(self) -> None:
-        """After a nack: have _keep_connected replace the connection if it has confirmed
-        nothing for STUCK_SECONDS."""
-        stuck = self._stuck
-        quiet = time.perf_counter() - self._confirmed_at
-        if stuck is not None and not stuck.done() and quiet >= STUCK_SECONDS:
-            stuck.set_result(f"publishes nacked, nothing confirmed for {quiet:.0f} s")
-
     async def close(self) -> None:
-        """Stop reconnecting and close the connection."""
-        if self._keeping is not None:
-            self._keeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeping
-        if self._connection is not None:
-            await self._connection.close()
+        """Stop reconnecting and close the connections."""
+        for link in self._links:
+            if link.keeping is not None:
+                link.keeping.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await link.keeping
+        for link in self._links:
+            if link.connection is not None:
+                await link.connection.close()
+
+
+def _is_open(connection: ConfirmingPublisher | None) -> bool:
+    return connection is not None and connection.is_open
+
+
+def _check_stuck(link: _Link) -> None:
+    """After a nack: have the link's connection replaced if it has confirmed nothing for
+    STUCK_SECONDS."""
+    quiet = time.perf_counter() - link.confirmed_at
+    if quiet >= STUCK_SECONDS:
+        link.replace(f"publishes nacked, nothing confirmed for {quiet:.0f} s")
 
 
 def _batch_bytes(scores_bytes: int, count: int) -> int:
