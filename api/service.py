@@ -163,27 +163,29 @@ async def _stored_scores(
     async def read(ids: Sequence[UUID]) -> dict[UUID, bytes]:
         return await repository.read_scores(pool, scope.entity, scope.project, ids)
 
-    found = await read(score_ids)
-    missing = [score_id for score_id in dict.fromkeys(score_ids) if score_id not in found]
-    if not missing or seconds <= 0:
-        return found
+    if seconds <= 0:
+        return await read(score_ids)
     events = scope.services.stored_events
-    with events.watch(missing, scope.entity, scope.project) as watch:
-        if watch is None:
+    wanted = list(dict.fromkeys(score_ids))
+    # Watching before the first read: a score settled in between is found by it, and one
+    # settled after it is announced to the watch. One read, as without waiting.
+    with events.watch(wanted, scope.entity, scope.project) as watch:
+        found = await read(score_ids)
+        missing = [score_id for score_id in wanted if score_id not in found]
+        if not missing or watch is None:
             return found
+        watch.narrow({str(score_id) for score_id in missing})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        # Read again once watching: a score settled in between is found here.
-        found |= await read(missing)
-        while (remaining := deadline - loop.time()) > 0 and any(
-            score_id not in found for score_id in missing
-        ):
+        while (remaining := deadline - loop.time()) > 0:
             await watch.wait(events.wait_at_most(remaining))
             if watch.settled:
                 return found | watch.stored
             found |= watch.stored | await read(
-                [score_id for score_id in missing if score_id not in found]
+                [score_id for score_id in missing if score_id not in watch.stored]
             )
+            if all(score_id in found for score_id in missing):
+                return found
         return found
 
 

@@ -63,6 +63,12 @@ class Watch:
         if not self.pending:
             self._woken.set()
 
+    def narrow(self, score_ids: set[str]) -> None:
+        """Wait for these of the ids only (the others were found stored)."""
+        self.pending &= score_ids
+        if not self.pending:
+            self._woken.set()
+
     def recheck(self) -> None:
         """Wake the request to re-read: announcements may have been lost."""
         self._woken.set()
