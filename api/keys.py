@@ -21,10 +21,7 @@ import asyncpg
 from api import sql
 from api.errors import AuthBackendUnavailable, InvalidCredentials
 from api.quotas import (
-    FIND_KEY_WITH_QUOTAS,
-    LIST_KEY_QUOTAS,
     NO_STORED_QUOTAS,
-    SET_KEY_QUOTA,
     Quota,
     QuotaLedger,
     StoredQuotas,
@@ -119,7 +116,7 @@ async def list_keys(conn: asyncpg.Connection, entity: str | None = None) -> list
     """All keys, or those of one entity, oldest first."""
     quotas = {
         row["key_id"]: Quota(row["quota_rate"], row["quota_burst"])
-        for row in await conn.fetch(LIST_KEY_QUOTAS, entity)
+        for row in await conn.fetch(sql.LIST_KEY_QUOTAS, entity)
     }
     return [
         _key_info(row, quotas.get(row["key_id"])) for row in await conn.fetch(sql.LIST_KEYS, entity)
@@ -130,7 +127,7 @@ async def set_key_quota(conn: asyncpg.Connection, key_id: str, quota: Quota | No
     """Give a key a quota of its own, or (None) the default back; False when there is no
     such key. Running apis apply it within AUTH_CACHE_TTL_SECONDS."""
     rate, burst = (quota.rate, quota.burst) if quota is not None else (None, None)
-    return await conn.fetchval(SET_KEY_QUOTA, key_id, rate, burst) is not None
+    return await conn.fetchval(sql.SET_KEY_QUOTA, key_id, rate, burst) is not None
 
 
 async def revoke_key(conn: asyncpg.Connection, key_id: str) -> bool:
@@ -216,9 +213,7 @@ class KeyVerifier:
 
     async def _fetch(self, key_id: str) -> _StoredKey | None:
         async with self._pool.connection() as conn:
-            row = await conn.fetchrow(
-                FIND_KEY_WITH_QUOTAS, key_id, timeout=self._pool.query_timeout
-            )
+            row = await conn.fetchrow(sql.FIND_KEY, key_id, timeout=self._pool.query_timeout)
         if row is None:
             self._remember_unknown(key_id)
             return None

@@ -28,6 +28,7 @@ import asyncpg
 
 from api.errors import BatchOverQuota, QuotaExceeded
 from api.metrics import QUOTA_REJECTIONS
+from api.sql import CLEAR_ENTITY_QUOTA, FIND_ENTITY_QUOTA, SET_ENTITY_QUOTA
 from shared.contract import MAX_BATCH_SCORES
 
 if TYPE_CHECKING:
@@ -42,35 +43,6 @@ QUOTA_METRIC_ENTITIES: Final = 100
 OTHER_LABEL: Final = "other"
 # A vendor parameter (the draft asks for a prefix) carrying the burst beside q and w.
 BURST_PARAMETER: Final = "si-burst"
-
-FIND_KEY_WITH_QUOTAS = """
-SELECT k.key_id, k.secret_hash, k.entity, k.projects, k.revoked_at IS NOT NULL AS revoked,
-       k.quota_rate, k.quota_burst, e.rate AS entity_rate, e.burst AS entity_burst
-FROM api_keys AS k
-LEFT JOIN entity_quotas AS e ON e.entity = k.entity
-WHERE k.key_id = $1
-"""
-
-LIST_KEY_QUOTAS = """
-SELECT key_id, quota_rate, quota_burst
-FROM api_keys
-WHERE ($1::text IS NULL OR entity = $1) AND quota_rate IS NOT NULL
-"""
-
-SET_KEY_QUOTA = """
-UPDATE api_keys SET quota_rate = $2, quota_burst = $3
-WHERE key_id = $1
-RETURNING key_id
-"""
-
-FIND_ENTITY_QUOTA = "SELECT rate, burst FROM entity_quotas WHERE entity = $1"
-
-SET_ENTITY_QUOTA = """
-INSERT INTO entity_quotas (entity, rate, burst) VALUES ($1, $2, $3)
-ON CONFLICT (entity) DO UPDATE SET rate = $2, burst = $3, updated_at = now()
-"""
-
-CLEAR_ENTITY_QUOTA = "DELETE FROM entity_quotas WHERE entity = $1 RETURNING entity"
 
 
 @dataclass(frozen=True)
@@ -151,6 +123,10 @@ class TokenBucket:
         """Take n tokens, whether or not they are there (check `wait` first)."""
         self._tokens = self.tokens - n
 
+    def give_back(self, n: float) -> None:
+        """Return n tokens taken for a request that then failed (at most up to capacity)."""
+        self._tokens = min(self._capacity, self.tokens + n)
+
     def try_take(self, n: float = 1) -> bool:
         """Take n tokens if a take of n would pass now."""
         if self.wait(n) > 0:
@@ -175,6 +151,22 @@ class Limit:
     quota: Quota
 
 
+@dataclass(frozen=True)
+class Charge:
+    """Scores taken from buckets for one request, to give back if it fails."""
+
+    buckets: Sequence[TokenBucket] = ()
+    count: int = 0
+
+    def give_back(self) -> None:
+        """Return the scores: the request published nothing it answered for."""
+        for bucket in self.buckets:
+            bucket.give_back(self.count)
+
+
+NOTHING_CHARGED: Final = Charge()
+
+
 class QuotaLedger:
     """This api process's token buckets, one per key and one per entity held to a quota.
 
@@ -187,7 +179,7 @@ class QuotaLedger:
         self._clock = clock
         self._buckets: dict[tuple[Policy, str], tuple[Quota, int, TokenBucket]] = {}
 
-    def charge(self, limits: Sequence[Limit], count: int, replicas: int) -> None:
+    def charge(self, limits: Sequence[Limit], count: int, replicas: int) -> "Charge":
         """Take count scores from every limit's bucket, or from none.
 
         Raises BatchOverQuota when count is over a limit's whole burst (no wait can help),
@@ -221,6 +213,7 @@ class QuotaLedger:
             )
         for bucket in buckets:
             bucket.take(count)
+        return Charge(buckets, count)
 
     def _bucket(self, limit: Limit, replicas: int) -> TokenBucket:
         holder = (limit.policy, limit.holder)
@@ -256,7 +249,7 @@ def _service_limit(limit: Limit, bucket: TokenBucket, wait: float, replicas: int
     return f"{item};t={max(1, math.ceil(wait))}" if wait else item
 
 
-def charge_quota(scope: "ProjectScope", count: int) -> None:
+def charge_quota(scope: "ProjectScope", count: int) -> Charge:
     """Take count scores from the quotas of the scope's key and entity; raises QuotaExceeded
     (429) or BatchOverQuota (413), taking nothing, when either is short."""
     settings = scope.services.settings
@@ -264,14 +257,14 @@ def charge_quota(scope: "ProjectScope", count: int) -> None:
     key = stored.key or _default(settings.quota_key_rate, settings.quota_key_burst)
     entity = stored.entity or _default(settings.quota_entity_rate, settings.quota_entity_burst)
     if key is None and entity is None:
-        return
+        return NOTHING_CHARGED
     limits: list[Limit] = []
     if key is not None:
         limits.append(Limit("key", scope.principal.key_id, key))
     if entity is not None:
         limits.append(Limit("entity", scope.principal.entity, entity))
     try:
-        scope.services.verifier.quotas.charge(limits, count, settings.api_replicas)
+        return scope.services.verifier.quotas.charge(limits, count, settings.api_replicas)
     except QuotaExceeded:
         QUOTA_REJECTIONS.labels(_entity_label(scope.principal.entity)).inc()
         raise

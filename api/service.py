@@ -95,7 +95,24 @@ async def create_scores(
     ref must name the path's entity (ScorerOfAnotherEntity otherwise).
     """
     _check_scorers(scope.entity, bodies, kind)
-    charge_quota(scope, len(bodies))
+    charge = charge_quota(scope, len(bodies))
+    try:
+        return await _publish_scores(scope, bodies, kind, idempotency_key, idempotency_ttl_seconds)
+    except BaseException:
+        # Answered with an error (a 503 to retry, a reused key): the client was told the
+        # scores were not taken, so they cost nothing. A batch split into several messages
+        # may have had some confirmed; its retry carries an Idempotency-Key (README).
+        charge.give_back()
+        raise
+
+
+async def _publish_scores(
+    scope: ProjectScope,
+    bodies: Sequence[ScoreCreateBody],
+    kind: str,
+    idempotency_key: str | None,
+    idempotency_ttl_seconds: float,
+) -> list[UUID]:
     score_ids = [new_score_id() for _ in bodies]
     if idempotency_key is not None:
         request_hash = _request_hash(kind, bodies)

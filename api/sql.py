@@ -30,11 +30,35 @@ WHERE key_id = $1
 RETURNING key_id
 """
 
+# A key with its own quota and its entity's (api/quotas.py), read as one record.
 FIND_KEY = """
-SELECT key_id, secret_hash, entity, projects, revoked_at IS NOT NULL AS revoked
-FROM api_keys
-WHERE key_id = $1
+SELECT k.key_id, k.secret_hash, k.entity, k.projects, k.revoked_at IS NOT NULL AS revoked,
+       k.quota_rate, k.quota_burst, e.rate AS entity_rate, e.burst AS entity_burst
+FROM api_keys AS k
+LEFT JOIN entity_quotas AS e ON e.entity = k.entity
+WHERE k.key_id = $1
 """
+
+LIST_KEY_QUOTAS = """
+SELECT key_id, quota_rate, quota_burst
+FROM api_keys
+WHERE ($1::text IS NULL OR entity = $1) AND quota_rate IS NOT NULL
+"""
+
+SET_KEY_QUOTA = """
+UPDATE api_keys SET quota_rate = $2, quota_burst = $3
+WHERE key_id = $1
+RETURNING key_id
+"""
+
+FIND_ENTITY_QUOTA = "SELECT rate, burst FROM entity_quotas WHERE entity = $1"
+
+SET_ENTITY_QUOTA = """
+INSERT INTO entity_quotas (entity, rate, burst) VALUES ($1, $2, $3)
+ON CONFLICT (entity) DO UPDATE SET rate = $2, burst = $3, updated_at = now()
+"""
+
+CLEAR_ENTITY_QUOTA = "DELETE FROM entity_quotas WHERE entity = $1 RETURNING entity"
 
 READ_SCORE = f"""
 SELECT {_ANSWERED_COLUMNS}

@@ -253,3 +253,24 @@ async def test_the_openapi_document_lists_the_429_of_both_creates(
             "$ref": "#/components/schemas/ErrorRes"
         }
         assert "Retry-After" in answer["description"]
+
+
+async def test_a_create_answered_with_an_error_after_its_charge_gives_its_scores_back(
+    client: httpx.AsyncClient, db: asyncpg.Connection, entity: str
+) -> None:
+    key = await _key(db, entity, SLOW)
+    body = score_body(scorer=f"weave:///{entity}/{PROJECT}/op/exact_match:abc123")
+
+    async def batch(scores: int, idempotency_key: str, value: float) -> httpx.Response:
+        return await client.post(
+            f"/v2/{entity}/{PROJECT}/scores/batch",
+            json={"scores": [{**body, "value": value}] * scores},
+            headers={**basic_auth(key), "Idempotency-Key": idempotency_key},
+        )
+
+    assert (await batch(50, "run-1", 0.5)).status_code == 200
+    # Charged its 50, then refused: the key was used with another body.
+    reused = await batch(50, "run-1", 0.7)
+    assert reused.status_code == 422, reused.text
+    # The 50 came back: at one score a second, they could not have refilled meanwhile.
+    assert (await batch(49, "run-2", 0.5)).status_code == 200

@@ -185,3 +185,17 @@ def test_metric_labels_are_the_first_values_seen_then_other() -> None:
         OTHER_LABEL,
         "b",
     ]
+
+
+def test_a_charge_given_back_returns_its_scores_to_every_bucket(clock: Clock) -> None:
+    ledger = QuotaLedger(max_buckets=10, clock=clock)
+    charge = ledger.charge([KEY, ENTITY], 100, replicas=1)
+    with pytest.raises(QuotaExceeded):
+        ledger.charge([KEY], 1, replicas=1)
+    charge.give_back()
+    ledger.charge([KEY, ENTITY], 100, replicas=1)
+    # Never above a bucket's capacity: the entity's 150 hold 50 after the last charge.
+    ledger.charge([ENTITY], 50, replicas=1).give_back()
+    ledger.charge([ENTITY], 50, replicas=1).give_back()
+    with pytest.raises(QuotaExceeded):
+        ledger.charge([ENTITY], 51, replicas=1)
