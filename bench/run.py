@@ -22,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -38,9 +39,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 import psutil
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 import api
 from bench import _backlog, _load, _profile
@@ -70,6 +73,7 @@ SINGLE_BODY = {
     "evaluation_run_id": "run-42",
 }
 _DRAIN_WAIT_SECONDS = 300.0
+ACCEPT_TO_STORED = "score_ingest_accept_to_stored_seconds"
 _MAX_STOLEN_PERCENT = 5.0
 _PARTIAL_RESULTS = Path(tempfile.gettempdir()) / "score-ingest-bench-partial.json"
 
@@ -293,6 +297,41 @@ async def _visibility_from_rows(database_url: str, project: str) -> dict[str, fl
     return {"p50_ms": round(float(row[0] or 0), 1), "p99_ms": round(float(row[1] or 0), 1)}
 
 
+async def _accept_to_stored_buckets(metrics_url: str) -> dict[float, float]:
+    """The worker's score_ingest_accept_to_stored_seconds, summed over its entities: the
+    cumulative count of each bucket, by upper bound."""
+    async with aiohttp.ClientSession() as session, session.get(metrics_url) as response:
+        text = await response.text()
+    buckets: dict[float, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == ACCEPT_TO_STORED:
+            for sample in family.samples:
+                if sample.name == f"{ACCEPT_TO_STORED}_bucket":
+                    bound = float(sample.labels["le"])
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    return buckets
+
+
+def _quantiles(before: dict[float, float], after: dict[float, float]) -> dict[str, float]:
+    """p50 and p99 in ms of what the histogram gained between two readings, interpolated
+    within a bucket as Prometheus's histogram_quantile does."""
+    gained = sorted((bound, count - before.get(bound, 0.0)) for bound, count in after.items())
+    total = gained[-1][1] if gained else 0.0
+    found = {"scores": total}
+    for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99)):
+        rank, lower, below = q * total, 0.0, 0.0
+        for bound, cumulative in gained:
+            if cumulative >= rank and total:
+                if math.isinf(bound):
+                    found[name] = round(1000 * lower, 1)
+                else:
+                    share = (rank - below) / (cumulative - below) if cumulative > below else 1.0
+                    found[name] = round(1000 * (lower + (bound - lower) * share), 1)
+                break
+            lower, below = bound, cumulative
+    return found
+
+
 async def _score_ingest(
     run: _Run, single: Path, batch: Path, comparisons: dict[str, tuple[ServerProcess, str]]
 ) -> None:
@@ -362,6 +401,8 @@ async def _score_ingest(
     )
 
     rate = single_rate / 2
+    worker_metrics = f"http://127.0.0.1:{health}/metrics"
+    before = await _accept_to_stored_buckets(worker_metrics)
     run.note_load("visibility")
     _say(f"half load: {rate:,.0f} req/s paced for {options.paced_duration:g}s")
     paced = await _load.run_paced(
@@ -379,6 +420,9 @@ async def _score_ingest(
         **paced.to_json(),
         "rows_persisted_minus_created": await _visibility_from_rows(
             run.env.database_url, "visibility"
+        ),
+        "worker_accept_to_stored": _quantiles(
+            before, await _accept_to_stored_buckets(worker_metrics)
         ),
     }
     _say(
@@ -726,8 +770,12 @@ def _reported(results: dict[str, Any]) -> list[str]:
     ]
     direct = backlog["drain_batch_direct"]["steady_per_s"]
     batch = http["batch"]["scores_per_s"]
+    worker_view = results["visibility"]["worker_accept_to_stored"]
     return [
         *drains,
+        f"accept-to-stored at half load, from the worker's histogram ({ACCEPT_TO_STORED}):"
+        f" p50 {worker_view.get('p50_ms', 0):.0f} ms, p99 {worker_view.get('p99_ms', 0):.0f} ms"
+        f" over {worker_view['scores']:,.0f} scores",
         f"drain of direct publishers' (fully validated) batch messages vs batch"
         f" accept: {direct / batch:.2f}x ({direct:,.0f} vs {batch:,.0f} scores/s)",
     ]
