@@ -173,7 +173,8 @@ async def _stored_scores(
     A waiting request holds no database connection: it waits for the listener's
     announcement (api/stored_events.py), which brings the scores it waits for, or re-reads
     when the listener asks it to or cannot hear announcements. Past READ_MAX_WAITING
-    waiting requests, it does not wait.
+    waiting requests, it does not wait, or waits in the place of another entity's request
+    (StoredEvents.watch), which then answers with what it finds.
     """
     pool = scope.services.read_pool
 
@@ -189,7 +190,7 @@ async def _stored_scores(
     with events.watch(wanted, scope.entity, scope.project) as watch:
         found = await read(score_ids)
         missing = [score_id for score_id in wanted if score_id not in found]
-        if not missing or watch is None:
+        if not missing or watch is None or watch.given_up:
             return found
         watch.narrow({str(score_id) for score_id in missing})
         loop = asyncio.get_running_loop()
@@ -201,7 +202,7 @@ async def _stored_scores(
             found |= watch.stored | await read(
                 [score_id for score_id in missing if score_id not in watch.stored]
             )
-            if all(score_id in found for score_id in missing):
+            if watch.given_up or all(score_id in found for score_id in missing):
                 return found
         return found
 

@@ -12,8 +12,16 @@ herd of them on the read pool.
 While the listener is down, announcements are lost: every waiting request is woken to
 re-read at once when the connection goes and again when it is back, and in between waits
 at most READ_WAIT_RECHECK_SECONDS before it re-reads, so nothing waits on an announcement
-that cannot come. At most READ_MAX_WAITING requests wait at once; past that, `watch` gives
-None and the request is answered as if it asked for no wait.
+that cannot come.
+
+At most READ_MAX_WAITING requests wait at once, shared fairly between entities: when every
+place is taken, a request of an entity holding fewer than the entity holding the most (by
+two or more) takes the place of that entity's longest-waiting request, which is answered
+at once with what it finds (`Watch.given_up`); otherwise `watch` gives None and the request
+is answered as if it asked for no wait. So one tenant may use every place while nobody
+else waits, but cannot keep another from waiting (with reads of made-up fresh ids, lists
+`until` them, or creates that prefer the representation): among the entities that wait, no
+one holds more than one place over another's share.
 """
 
 import asyncio
@@ -46,13 +54,26 @@ class Watch:
     def __init__(self, score_ids: set[str], entity: str, project: str) -> None:
         self.pending = score_ids
         self.stored: dict[UUID, bytes] = {}
+        self.entity = entity
         self._project = (entity, project)
         self._woken = asyncio.Event()
+        self._given_up = False
 
     @property
     def settled(self) -> bool:
         """Whether every id was announced settled since the watch began."""
         return not self.pending
+
+    @property
+    def given_up(self) -> bool:
+        """Whether the watch's place went to a request of an entity with fewer waiting: the
+        request should answer with what it finds now, without waiting any longer."""
+        return self._given_up
+
+    def give_up(self) -> None:
+        """Wake the request to answer now: its place is taken."""
+        self._given_up = True
+        self._woken.set()
 
     def settle(self, score_id: str, found: repository.SettledScore | None) -> None:
         """Note an id announced, and the score stored with it if it is in the watch's
@@ -93,6 +114,8 @@ class StoredEvents:
         self._recheck_seconds = recheck_seconds
         self._watches: dict[str, set[Watch]] = {}
         self._waiting: set[Watch] = set()
+        # Each entity's waiting requests, longest-waiting first (a dict as an ordered set).
+        self._by_entity: dict[str, dict[Watch, None]] = {}
         self._connected = False
         self._task: asyncio.Task[None] | None = None
         self._reads: set[asyncio.Task[None]] = set()
@@ -106,6 +129,10 @@ class StoredEvents:
     def waiting(self) -> int:
         """Requests waiting right now."""
         return len(self._waiting)
+
+    def waiting_of(self, entity: str) -> int:
+        """Requests of an entity waiting right now."""
+        return len(self._by_entity.get(entity, ()))
 
     def start(self) -> None:
         """Start listening, in the background; connecting is retried until it succeeds."""
@@ -127,25 +154,51 @@ class StoredEvents:
     @contextlib.contextmanager
     def watch(self, score_ids: Iterable[UUID], entity: str, project: str) -> Iterator[Watch | None]:
         """A Watch of these ids of the project for the length of the block, or None when
-        READ_MAX_WAITING requests wait already."""
-        if len(self._waiting) >= self._max_waiting:
+        READ_MAX_WAITING requests wait already and the entity holds its share of them."""
+        if len(self._waiting) >= self._max_waiting and not self._make_room_for(entity):
             yield None
             return
         watch = Watch({str(score_id) for score_id in score_ids}, entity, project)
         keys = list(watch.pending)
-        self._waiting.add(watch)
+        self._add(watch)
         for key in keys:
             self._watches.setdefault(key, set()).add(watch)
         try:
             yield watch
         finally:
-            self._waiting.discard(watch)
+            self._remove(watch)
             for key in keys:
                 watchers = self._watches.get(key)
                 if watchers is not None:
                     watchers.discard(watch)
                     if not watchers:
                         del self._watches[key]
+
+    def _add(self, watch: Watch) -> None:
+        self._waiting.add(watch)
+        self._by_entity.setdefault(watch.entity, {})[watch] = None
+
+    def _remove(self, watch: Watch) -> None:
+        self._waiting.discard(watch)
+        of_entity = self._by_entity.get(watch.entity)
+        if of_entity is not None:
+            of_entity.pop(watch, None)
+            if not of_entity:
+                del self._by_entity[watch.entity]
+
+    def _make_room_for(self, entity: str) -> bool:
+        """Free a place for a request of entity, if another entity holds at least two more:
+        its longest-waiting request gives its place up. Runs only when every place is taken,
+        over at most READ_MAX_WAITING entities."""
+        if not self._by_entity:  # READ_MAX_WAITING is 0: nobody waits
+            return False
+        most = max(self._by_entity.values(), key=len)
+        if len(most) < self.waiting_of(entity) + 2:
+            return False
+        oldest = next(iter(most))
+        self._remove(oldest)
+        oldest.give_up()
+        return True
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if not self._watches:  # the usual case under load: nobody waits

@@ -167,9 +167,12 @@ async def test_a_waiting_read_is_answered_when_the_worker_stores_the_score(
             f"{URL}/{score_id}", params={"wait_ms": LONG_WAIT_MS}, headers=basic_auth(api_key)
         )
     )
-    await wait_until(lambda: events.waiting == 1, "the read waits")
-    # Waiting holds no database connection.
-    assert app.state.services.read_pool.in_use == 0
+    # Waiting holds no database connection (the watch begins before the read, which takes
+    # one for a moment).
+    await wait_until(
+        lambda: events.waiting == 1 and app.state.services.read_pool.in_use == 0,
+        "the read waits, with no database connection",
+    )
     assert not reading.done()
     async with running_worker(settings):
         read = await asyncio.wait_for(reading, LONG_WAIT_MS / 1000)
