@@ -39,10 +39,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Final, cast
+from typing import Any, Final, cast
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from pamqp import commands, frame
+from pamqp import commands, encode, frame
 from pamqp.base import Frame
 from pamqp.exceptions import UnmarshalingException
 from pamqp.header import ContentHeader, ProtocolHeader
@@ -62,8 +62,9 @@ _WRITE_CHUNK: Final = 256 * 1024
 _MAX_HEARTBEAT: Final = 65535  # a short in connection.tune-ok
 
 # Property flags of the content header, in the order their values are encoded.
-_CONTENT_TYPE, _DELIVERY_MODE, _MESSAGE_ID, _TIMESTAMP, _TYPE, _APP_ID = (
+_CONTENT_TYPE, _HEADERS, _DELIVERY_MODE, _MESSAGE_ID, _TIMESTAMP, _TYPE, _APP_ID = (
     1 << 15,
+    1 << 13,
     1 << 12,
     1 << 7,
     1 << 6,
@@ -181,14 +182,24 @@ def _shortstr(value: str) -> bytes:
 
 
 def encode_header(
-    body_size: int, properties: MessageProperties, message_id: str, timestamp: datetime
+    body_size: int,
+    properties: MessageProperties,
+    message_id: str,
+    timestamp: datetime,
+    headers: dict[str, Any] | None = None,
 ) -> bytes:
-    """The payload of a content header frame: class, weight, body size, flags, properties."""
+    """The payload of a content header frame: class, weight, body size, flags, properties
+    (and headers, a field table, when given: the trace context of the message's requests)."""
     flags = _CONTENT_TYPE | _DELIVERY_MODE | _MESSAGE_ID | _TIMESTAMP | _TYPE | _APP_ID
+    table = b""
+    if headers:
+        flags |= _HEADERS
+        table = encode.field_table(headers)
     return b"".join(
         (
             struct.pack(">HHQH", _BASIC_CLASS, 0, body_size, flags),
             _shortstr(properties.content_type),
+            table,
             b"\x02",  # delivery mode 2: persistent
             _shortstr(message_id),
             struct.pack(">Q", int(timestamp.timestamp())),
@@ -367,9 +378,10 @@ class ConfirmingPublisher(asyncio.Protocol):
         *,
         message_id: str,
         timestamp: datetime,
+        headers: dict[str, Any] | None = None,
     ) -> asyncio.Future[None]:
         """Send a persistent, mandatory message; the future completes on its confirm."""
-        header = encode_header(len(body), properties, message_id, timestamp)
+        header = encode_header(len(body), properties, message_id, timestamp, headers)
         return self.publish_raw(exchange, routing_key, header, body, message_id=message_id)
 
     def publish_raw(

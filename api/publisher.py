@@ -41,6 +41,7 @@ from shared.contract import (
 from shared.ids import new_score_id
 from shared.settings import Settings
 from shared.topology import API_EXCHANGE, ROUTING_KEY, declare_topology_once
+from shared.tracing import current_traceparent, trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class ScorePublisher:
         self._connected = asyncio.Event()
         self._gathered: list[tuple[_Encoded, asyncio.Future[None]]] = []
         self._gathered_bytes = 0  # of their JSON, commas and batch framing not counted
+        self._gathered_traces: list[str] = []  # their requests' traceparents, when traced
 
     def start(self) -> None:
         """Begin connecting in the background; until connected, publishes answer 503."""
@@ -274,22 +276,28 @@ class ScorePublisher:
             self._publish_gathered()  # full: this score starts the next message
         self._gathered.append(((str(score["score_id"]), body), outcome))
         self._gathered_bytes += len(body)
+        if (traceparent := current_traceparent.get()) is not None:
+            self._gathered_traces.append(traceparent)
         if len(self._gathered) == 1:
             asyncio.get_running_loop().call_soon(self._publish_gathered)
 
     def _publish_gathered(self) -> None:
         gathered, self._gathered, self._gathered_bytes = self._gathered, [], 0
+        traces, self._gathered_traces = self._gathered_traces, []
         if gathered:
-            self._publish([score for score, _ in gathered], [outcome for _, outcome in gathered])
+            scores = [score for score, _ in gathered]
+            self._publish(scores, [outcome for _, outcome in gathered], traces)
 
     def _publish_batch(self, scores: Sequence[MessageFields]) -> list[asyncio.Future[None]]:
         """Publish a batch request's scores; returns the outcome of each message they took."""
         loop = asyncio.get_running_loop()
         limit = self._settings.broker_max_message_bytes
         body = to_json({"scores": scores})
+        traceparent = current_traceparent.get()
+        traces = [] if traceparent is None else [traceparent]
         if len(body) <= limit:
             outcome: asyncio.Future[None] = loop.create_future()
-            self._send(body, BATCH_PROPERTIES, str(new_score_id()), [outcome])
+            self._send(body, BATCH_PROPERTIES, str(new_score_id()), [outcome], traces)
             return [outcome]
         # Larger than the broker takes: the scores go in several messages, so a failure can
         # leave some stored (README: retry with an Idempotency-Key).
@@ -297,16 +305,18 @@ class ScorePublisher:
         outcomes = []
         for part in _parts(encoded, limit):
             outcomes.append(loop.create_future())
-            self._publish(part, outcomes[-1:])
+            self._publish(part, outcomes[-1:], traces)
         return outcomes
 
-    def _publish(self, scores: list[_Encoded], outcomes: list[asyncio.Future[None]]) -> None:
+    def _publish(
+        self, scores: list[_Encoded], outcomes: list[asyncio.Future[None]], traces: list[str]
+    ) -> None:
         if len(scores) == 1:
             (message_id, body), properties = scores[0], SCORE_PROPERTIES
         else:
             body = _BATCH_OPENING + b",".join(body for _, body in scores) + _BATCH_CLOSING
             properties, message_id = BATCH_PROPERTIES, str(new_score_id())
-        self._send(body, properties, message_id, outcomes)
+        self._send(body, properties, message_id, outcomes, traces)
 
     def _send(
         self,
@@ -314,6 +324,7 @@ class ScorePublisher:
         properties: MessageProperties,
         message_id: str,
         outcomes: list[asyncio.Future[None]],
+        traces: list[str],
     ) -> None:
         started = time.perf_counter()
         link = self._link_to_publish_on()
@@ -327,6 +338,7 @@ class ScorePublisher:
                 properties,
                 message_id=message_id,
                 timestamp=datetime.now(UTC),
+                headers=trace_headers(traces),
             )
         except PublishFailed as exc:
             confirm = asyncio.get_running_loop().create_future()

@@ -1,4 +1,5 @@
-"""Logs on stderr: JSON lines for machines, readable lines for people, with the request id.
+"""Logs on stderr: JSON lines for machines, readable lines for people, with the request id
+(and the trace id, when tracing is on).
 
 LOG_FORMAT chooses: `json` (one object per line), `text` (one readable line per record), or
 `auto`, the default: text when stderr is a terminal (`make run`), JSON otherwise (containers,
@@ -16,6 +17,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal, TextIO
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The trace of the request, or of the worker's batch, when tracing is on (shared/tracing.py).
+trace_id: ContextVar[str | None] = ContextVar("trace_id", default=None)
 
 LogFormat = Literal["auto", "json", "text"]
 
@@ -30,11 +33,14 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {
 
 
 def _extra(record: logging.LogRecord) -> dict[str, Any]:
-    """The record's fields from `extra=`, with the request id of the context first."""
+    """The record's fields from `extra=`, with the request and trace ids of the context first."""
     fields: dict[str, Any] = {}
     current_request = request_id.get()
     if current_request is not None:
         fields["request_id"] = current_request
+    current_trace = trace_id.get()
+    if current_trace is not None:
+        fields["trace_id"] = current_trace
     fields.update((key, value) for key, value in vars(record).items() if key not in _STANDARD)
     return fields
 

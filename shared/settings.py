@@ -77,9 +77,18 @@ class Settings(BaseSettings):
     queue_max_length: int = Field(default=5_000_000, ge=1)
     queue_max_length_bytes: int = Field(default=4 * 1024 * MIB, ge=MIB)
     queue_delivery_limit: int = Field(default=20, ge=1)
+    # Queues scores.persist.0..N-1 the api spreads projects over (0: it publishes to
+    # scores.persist); workers consume them all. Changing it is a migration (README).
+    queue_shards: int = Field(default=4, ge=0, le=64)
     # At most the broker's max_message_size; at least one score's largest message, so that
     # splitting can always keep a message under it.
     broker_max_message_bytes: int = Field(default=16 * MIB, ge=MAX_SCORE_MESSAGE_BYTES)
+
+    # OpenTelemetry (README "Tracing"): the OTLP/HTTP collector's base URL (spans go to
+    # <it>/v1/traces); unset, nothing is traced. The service name defaults to
+    # score-ingest-api or score-ingest-worker.
+    otel_exporter_otlp_endpoint: str | None = Field(default=None, pattern=r"^https?://")
+    otel_service_name: str | None = None
 
     log_level: str = "INFO"
     # auto: readable text lines when stderr is a terminal, JSON lines otherwise (shared/logs.py).
