@@ -1,5 +1,6 @@
 """The FastAPI application: connections made in the lifespan, routes, limits, error mapping."""
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,15 +18,19 @@ from api.request_gate import RequestGate
 from api.routes import health, scores
 from api.stored_events import StoredEvents
 from shared.settings import Settings, get_settings
+from shared.tracing import start_tracing
 
-# We export Prometheus metrics and JSON logs, not OpenTelemetry. FastAPI's native telemetry
-# would otherwise look up the global OpenTelemetry providers on every request.
+# Traces come from our own middleware, and only when OTEL_EXPORTER_OTLP_ENDPOINT is set
+# (api/tracing.py): FastAPI's native telemetry would otherwise look up the global
+# OpenTelemetry providers on every request.
 NO_OPENTELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API; connections open when the app starts and close when it stops."""
     settings = settings or get_settings()
+    # Its exporter only sends once there are spans, and the lifespan's end flushes it.
+    tracing = start_tracing(settings, "score-ingest-api")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,6 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await publisher.close()
             for bounded in (read_pool, pool, key_pool):
                 await bounded.close()
+            if tracing is not None:
+                await asyncio.to_thread(tracing.close)
 
     app = FastAPI(
         title="score-ingest",
@@ -89,7 +96,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         max_batch_bytes=settings.max_batch_body_bytes,
     )
-    app.add_middleware(RequestContextMiddleware)
+    app.add_middleware(RequestContextMiddleware, tracing=tracing)
     install_error_handlers(app, settings.retry_after_seconds)
     # The writes first on the app's own router: matched through include_router, or after
     # the routes of the docs, a single POST would cost the api a fifth more CPU (BENCHMARKS.md).

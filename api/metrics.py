@@ -9,7 +9,9 @@ from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.limits import header
+from api.tracing import RequestSpan
 from shared.logs import request_id
+from shared.tracing import Tracing
 
 HTTP_REQUESTS = Counter(
     "score_ingest_http_requests_total",
@@ -49,10 +51,12 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 class RequestContextMiddleware:
-    """Give each request an id (X-Request-ID, taken from the client when sane) and count it."""
+    """Give each request an id (X-Request-ID, taken from the client when sane) and count it;
+    with tracing, a span (api/tracing.py)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, tracing: Tracing | None = None) -> None:
         self.app = app
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request with its id in the log context; count it when answered."""
@@ -62,6 +66,7 @@ class RequestContextMiddleware:
         given = (header(scope, _REQUEST_ID_HEADER) or b"").decode("latin-1")
         current = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         token = request_id.set(current)
+        span = None if self.tracing is None else RequestSpan(self.tracing, scope, current)
         started = time.perf_counter()
         status = 500
         answered = False
@@ -88,6 +93,8 @@ class RequestContextMiddleware:
             template = getattr(route, "path", "unmatched")
             _requests(scope["method"], template, status).inc()
             _seconds(template).observe(time.perf_counter() - started)
+            if span is not None:
+                span.end(template, status)
             request_id.reset(token)
 
 

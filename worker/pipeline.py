@@ -6,7 +6,12 @@ import time
 from collections import deque
 from datetime import UTC, datetime
 
+from opentelemetry.trace import Link, NonRecordingSpan, SpanKind, set_span_in_context, use_span
+
+from shared import logs
 from shared.dead_letters import DeadLetterReason
+from shared.topology import QUEUE
+from shared.tracing import MAX_LINKS, Tracing, message_contexts
 from worker._metrics import (
     BATCH_SIZE,
     CONSUMER_LAG_SECONDS,
@@ -28,6 +33,8 @@ STORES_IN_FLIGHT = 2
 """Batches stored at once, each in a transaction (and on a database connection) of its own."""
 
 _Decoded = tuple[Delivery, list[ScoreRow]]
+# The transaction that stores a batch, as its `insert` span describes it.
+_INSERT_ATTRIBUTES = {"db.system.name": "postgresql", "db.operation.name": "INSERT"}
 
 
 class StorePipeline:
@@ -46,8 +53,10 @@ class StorePipeline:
         consumer: Consumer,
         dead_letters: DeadLetters,
         retry_max_seconds: float,
+        tracing: Tracing | None = None,
     ) -> None:
         self._store = store
+        self._tracing = tracing
         self._consumer = consumer
         self._dead_letters = dead_letters
         self._retry_max_seconds = retry_max_seconds
@@ -87,10 +96,43 @@ class StorePipeline:
             else:
                 decoded.append((message, scores))
         if decoded:
-            stored = await self._persist(decoded)
+            if self._tracing is None:
+                stored = await self._persist(decoded)
+            else:
+                stored = await self._persist_traced(self._tracing, decoded)
         if previous is not None:
             await previous
         await self._consumer.ack_through(stored)
+
+    async def _persist_traced(self, tracing: Tracing, decoded: list[_Decoded]) -> list[Delivery]:
+        """_persist in a `store` span linked to the trace context of each message (up to
+        MAX_LINKS), and the child of that context when the batch holds only one."""
+        contexts = [
+            context for message, _ in decoded for context in message_contexts(message.headers)
+        ]
+        distinct = set(contexts)
+        parent = None
+        if len(distinct) == 1:
+            parent = set_span_in_context(NonRecordingSpan(contexts[0]))
+        span = tracing.tracer.start_span(
+            "store",
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            links=[Link(context) for context in contexts[:MAX_LINKS]],
+            attributes={
+                "messaging.system": "rabbitmq",
+                "messaging.destination.name": QUEUE,
+                "messaging.batch.message_count": len(decoded),
+                "score_ingest.scores": sum(len(scores) for _, scores in decoded),
+                "score_ingest.links_dropped": max(0, len(contexts) - MAX_LINKS),
+            },
+        )
+        token = logs.trace_id.set(f"{span.get_span_context().trace_id:032x}")
+        try:
+            with use_span(span, end_on_exit=True):
+                return await self._persist(decoded)
+        finally:
+            logs.trace_id.reset(token)
 
     async def _persist(self, decoded: list[_Decoded]) -> list[Delivery]:
         """Store the scores in one transaction; returns the messages stored, to be acked.
@@ -100,10 +142,16 @@ class StorePipeline:
         delay = 0.1
         while True:
             started = time.perf_counter()
+            rows = [score for _, scores in decoded for score in scores]
             try:
-                inserted = await self._store.persist_batch(
-                    [score for _, scores in decoded for score in scores]
-                )
+                if self._tracing is None:
+                    inserted = await self._store.persist_batch(rows)
+                else:
+                    with self._tracing.tracer.start_as_current_span(
+                        "insert", kind=SpanKind.CLIENT, attributes=_INSERT_ATTRIBUTES
+                    ) as span:
+                        inserted = await self._store.persist_batch(rows)
+                        span.set_attribute("score_ingest.stored", inserted)
             except StorageRejected as exc:
                 if len(decoded) == 1:
                     rejected = PoisonMessage(DeadLetterReason.STORAGE_REJECTED, str(exc))

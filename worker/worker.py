@@ -19,6 +19,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from shared.broker import connect_until_ready, tls_context
 from shared.settings import Settings
 from shared.topology import QUEUE, declare_topology
+from shared.tracing import Tracing, start_tracing
 from worker._health import HealthServer
 from worker.batches import Inbox
 from worker.chores import poll_queue_depths_periodically, purge_expired_periodically
@@ -51,6 +52,7 @@ class ScoreWorker:
         self._connection: AbstractRobustConnection | None = None
         self._pool: asyncpg.Pool | None = None
         self._pipeline: StorePipeline | None = None
+        self._tracing: Tracing | None = None
         self._health = HealthServer(
             settings.worker_health_host,
             settings.worker_health_port,
@@ -150,8 +152,9 @@ class ScoreWorker:
             settings.publish_timeout_seconds,
             store,
         )
+        self._tracing = start_tracing(settings, "score-ingest-worker")
         self._pipeline = StorePipeline(
-            store, self._consumer, dead_letters, settings.worker_retry_max_seconds
+            store, self._consumer, dead_letters, settings.worker_retry_max_seconds, self._tracing
         )
         # A channel of its own: a poll the broker refuses closes only it.
         polling_channel = await self._connection.channel()
@@ -191,6 +194,8 @@ class ScoreWorker:
                 await asyncio.wait_for(self._connection.close(), _CLOSE_SECONDS)
         if self._pool is not None:
             await self._pool.close()
+        if self._tracing is not None:
+            await asyncio.to_thread(self._tracing.close)  # exports the last spans
         log.info("worker stopped: %d persisted, %d duplicates", self.persisted, self.duplicates)
 
 
