@@ -168,6 +168,23 @@ async def read_scores(
     return {row["score_id"]: score_json(row) for row in rows}
 
 
+async def read_scores_or_deleted(
+    pool: BoundedPool, entity: str, project: str, score_ids: Sequence[UUID]
+) -> tuple[dict[UUID, bytes], set[UUID]]:
+    """The scores of the project among score_ids, as JSON by id, and those of the others that
+    are deleted in the entity (never to be stored), on one connection."""
+    async with pool.connection() as conn:
+        rows = await conn.fetch(
+            sql.READ_SCORES, entity, project, score_ids, timeout=pool.query_timeout
+        )
+        found = {row["score_id"]: score_json(row) for row in rows}
+        missing = [score_id for score_id in score_ids if score_id not in found]
+        if not missing:
+            return found, set()
+        deleted = await conn.fetch(sql.DELETED_IDS, entity, missing, timeout=pool.query_timeout)
+    return found, {row["score_id"] for row in deleted}
+
+
 class SettledScore(NamedTuple):
     """A stored score found by its id alone, with the project it belongs to."""
 

@@ -188,9 +188,15 @@ async def _stored_scores(
     # Watching before the first read: a score settled in between is found by it, and one
     # settled after it is announced to the watch. One read, as without waiting.
     with events.watch(wanted, scope.entity, scope.project) as watch:
-        found = await read(score_ids)
-        missing = [score_id for score_id in wanted if score_id not in found]
-        if not missing or watch is None or watch.given_up:
+        if watch is None:
+            return await read(score_ids)
+        # An id deleted before the watch began will not be announced again: waiting for
+        # it would wait out the whole wait.
+        found, deleted = await repository.read_scores_or_deleted(
+            pool, scope.entity, scope.project, wanted
+        )
+        missing = [id_ for id_ in wanted if id_ not in found and id_ not in deleted]
+        if not missing or watch.given_up:
             return found
         watch.narrow({str(score_id) for score_id in missing})
         loop = asyncio.get_running_loop()

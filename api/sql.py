@@ -73,6 +73,13 @@ FROM scores
 WHERE entity = $1 AND project = $2 AND score_id = ANY($3::uuid[])
 """
 
+# Which of some ids the worker will never store (a tombstone in the entity): a read need
+# not wait for them, since their announcement is past. A refused id is waited for still: its
+# publisher may send it again, fixed.
+DELETED_IDS = """
+SELECT score_id FROM score_tombstones WHERE entity = $1 AND score_id = ANY($2::uuid[])
+"""
+
 # The scores the worker announced as settled that requests wait for, in whatever project
 # (each request takes those of its own): the project first, then what a read answers.
 READ_SETTLED = f"""

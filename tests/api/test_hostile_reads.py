@@ -194,3 +194,110 @@ async def test_one_entity_alone_may_use_every_place(settings: Settings, api_key:
                 task.cancel()
             await asyncio.gather(*reads, return_exceptions=True)
         assert _events(app).waiting == 0
+
+
+# --- What a client may put in a waiting request -----------------------------------------------
+
+
+@pytest.mark.parametrize("wait_ms", ["-1", "1.5", "soon", "9" * 5000, ""])
+async def test_a_wait_ms_that_is_no_count_of_milliseconds_is_a_422(
+    client: httpx.AsyncClient, api_key: str, wait_ms: str
+) -> None:
+    for url in (f"{URL}/{new_score_id()}", URL):
+        response = await client.get(url, params={"wait_ms": wait_ms}, headers=basic_auth(api_key))
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["query", "wait_ms"]
+
+
+async def test_a_huge_wait_ms_or_prefer_wait_waits_read_wait_max_seconds(
+    settings: Settings, api_key: str
+) -> None:
+    async with _app(settings, read_wait_max_seconds=0.2) as (_, client):
+        started = time.monotonic()
+        read = await client.get(
+            f"{URL}/{new_score_id()}",
+            params={"wait_ms": str(10**40)},
+            headers=basic_auth(api_key),
+        )
+        assert read.status_code == 404, read.text
+        listed = await client.get(
+            URL,
+            params={"wait_ms": str(10**40), "until": str(new_score_id())},
+            headers=basic_auth(api_key),
+        )
+        assert listed.status_code == 200, listed.text
+        for wait in ("999999999", "9" * 5000, "1e400", "inf", "nan"):
+            headers = {**basic_auth(api_key), "Prefer": f"return=representation, wait={wait}"}
+            created = await client.post(URL, json=score_body(), headers=headers)  # no worker
+            assert created.status_code == 202, f"wait={wait[:20]}: {created.text}"
+        assert time.monotonic() - started < AT_ONCE_SECONDS
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("Prefer", "return=minimal"), ("Prefer", "return=representation")],
+        [("Prefer", "return=minimal, return=representation")],
+        [("Prefer", "wait=1, wait=2, return=representation;x=" + "y" * 4000)],
+        [("Prefer", ",,,=,;;==, return , =representation")],
+    ],
+    ids=["two headers", "repeated", "long parameter", "malformed"],
+)
+async def test_prefer_headers_that_ask_nothing_of_a_create_answer_200(
+    client: httpx.AsyncClient, api_key: str, headers: list[tuple[str, str]]
+) -> None:
+    response = await client.post(
+        URL, json=score_body(), headers=[*basic_auth(api_key).items(), *headers]
+    )
+    if headers[0][1].startswith("wait=1"):
+        assert response.status_code == 202, response.text  # no worker: not stored in 1 s
+    else:
+        assert response.status_code == 200, response.text
+    assert set(response.json()) == {"score_id"}
+
+
+# The furthest future a UUIDv7 can name (year 10889), and a day ahead: ids nobody minted yet.
+FUTURE_IDS = [_minted_at((1 << 48) - 1), _minted_at(int((time.time() + 86_400) * 1000))]
+
+
+@pytest.mark.parametrize("score_id", FUTURE_IDS, ids=["year 10889", "tomorrow"])
+async def test_an_id_minted_in_the_future_waits_not_and_is_unknown(
+    settings: Settings, api_key: str, score_id: uuid.UUID
+) -> None:
+    # A default wait long enough that having waited it could not pass for answering at once.
+    async with _app(settings, read_wait_seconds=60) as (app, client):
+        started = time.monotonic()
+        read = await client.get(f"{URL}/{score_id}", headers=basic_auth(api_key))
+        assert read.status_code == 404, read.text
+        listed = await client.get(URL, params={"until": str(score_id)}, headers=basic_auth(api_key))
+        assert listed.status_code == 200, listed.text
+        assert time.monotonic() - started < AT_ONCE_SECONDS
+        assert _events(app).waiting == 0
+        status = await client.get(f"{URL}/{score_id}/status", headers=basic_auth(api_key))
+        assert status.json()["state"] == "unknown", status.text
+
+
+async def test_a_deleted_score_created_again_with_its_idempotency_key_stays_deleted(
+    app: FastAPI, client: httpx.AsyncClient, api_key: str, worker: object
+) -> None:
+    await wait_until(lambda: _events(app).connected, "the listener connected")
+    headers = {**basic_auth(api_key), "Idempotency-Key": "again", "Prefer": "return=representation"}
+    first = await client.post(URL, json=score_body(), headers=headers)
+    assert first.status_code == 201, first.text
+    score_id = first.json()["score_id"]
+    deleted = await client.delete(URL, params={"score_ids": score_id}, headers=basic_auth(api_key))
+    assert deleted.json() == {"num_deleted": 1}
+    # The replay republishes the same id; the worker settles it without storing it, which
+    # ends the wait: a 202, long before the wait of 30 s is out.
+    started = time.monotonic()
+    wait = {"Prefer": f"return=representation, wait={LONG_WAIT_MS // 1000}"}
+    again = await client.post(URL, json=score_body(), headers={**headers, **wait})
+    assert again.status_code == 202, again.text
+    assert again.json() == {"score_id": score_id}
+    read = await client.get(
+        f"{URL}/{score_id}", params={"wait_ms": LONG_WAIT_MS}, headers=basic_auth(api_key)
+    )
+    assert read.status_code == 404, read.text
+    assert time.monotonic() - started < AT_ONCE_SECONDS
+    status = await client.get(f"{URL}/{score_id}/status", headers=basic_auth(api_key))
+    assert status.json()["state"] == "deleted", status.text
