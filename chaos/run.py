@@ -31,13 +31,14 @@ from chaos.load import ENTITY, PROJECT
 from chaos.postgres import PostgresPair
 from chaos.rabbit import RabbitCluster
 from chaos.report import ScenarioResult, print_report, write_json
-from chaos.scenarios import BY_NAME, SCENARIOS, Harness, run_scenario
+from chaos.scenarios import BY_NAME, SCENARIOS, Harness, Holds, run_scenario
 from shared.settings import Settings
 from tests.support.processes import ApiProcess, CliProcess, api_process, worker_process
 
 DEFAULT_DURATION_SECONDS = 30.0
 COMMAND_TIMEOUT_SECONDS = 120.0
 PROCESSES = 2
+DEFAULT_HOLDS = Holds()
 
 T = TypeVar("T")
 
@@ -101,17 +102,28 @@ class _Say:
 
 
 async def run_chaos(
-    seed: int, duration: float, names: Sequence[str], workdir: Path
+    seed: int,
+    duration: float,
+    names: Sequence[str],
+    workdir: Path,
+    cluster: RabbitCluster | None = None,
+    holds: Holds = DEFAULT_HOLDS,
 ) -> list[ScenarioResult]:
-    """Build the cluster and the service in workdir, run the named scenarios, return results."""
+    """Build the service in workdir, on a RabbitMQ cluster of its own unless given a running
+    one (healthy, its queues empty), run the named scenarios, return results."""
     say = _Say(time.monotonic())
-    cluster = RabbitCluster(workdir / "rabbit")
     pair = PostgresPair(workdir / "postgres")
     with contextlib.ExitStack() as nodes, (workdir / "processes.log").open("w") as log:
-        nodes.callback(cluster.close)
         nodes.callback(pair.close)
-        say("starting 3 RabbitMQ nodes and a PostgreSQL pair")
-        await asyncio.gather(asyncio.to_thread(cluster.start), asyncio.to_thread(pair.start))
+        starting = [asyncio.to_thread(pair.start)]
+        if cluster is None:
+            cluster = RabbitCluster(workdir / "rabbit")
+            nodes.callback(cluster.close)
+            starting.append(asyncio.to_thread(cluster.start))
+            say("starting 3 RabbitMQ nodes and a PostgreSQL pair")
+        else:
+            say("starting a PostgreSQL pair, on the RabbitMQ cluster given")
+        await asyncio.gather(*starting)
         settings = [_settings(cluster, pair, k) for k in range(PROCESSES)]
         await _command(["migrate"], settings[0], log)
         await _command(["topology"], settings[0], log)
@@ -140,6 +152,7 @@ async def run_chaos(
                 seed=seed,
                 database_url=settings[0].database_url,
                 log=say,
+                holds=holds,
             )
             say(f"running {', '.join(names)} with seed {seed}, {duration} s each")
             results = []

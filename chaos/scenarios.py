@@ -32,11 +32,19 @@ from tests.support.processes import ApiProcess, CliProcess
 
 QUEUES = (QUEUE, DEAD_LETTER_QUEUE)
 RECOVERY_SECONDS = 5.0
-# How long a fault lasts (a Random's pick between the bounds): a node down, a node cut off,
-# the database without a primary before the standby is promoted (a failover manager's delay).
-NODE_DOWN_SECONDS = (2.0, 5.0)
-PARTITION_SECONDS = (12.0, 20.0)
-PROMOTION_DELAY_SECONDS = (1.0, 3.0)
+
+
+@dataclass(frozen=True)
+class Holds:
+    """How long a fault lasts (a Random's pick between the bounds): a node down, a node cut
+    off, the database without a primary before the standby is promoted (a failover manager's
+    delay). A partition outlasts the 10 s target, so that a gap as long as the cut shows."""
+
+    node_down: tuple[float, float] = (2.0, 5.0)
+    partition: tuple[float, float] = (12.0, 20.0)
+    promotion: tuple[float, float] = (1.0, 3.0)
+
+
 # A fault longer than this (a node that will not boot) ends the scenario as failed.
 FAULT_TIMEOUT_SECONDS = 240.0
 HEALTHY_TIMEOUT_SECONDS = 120.0
@@ -56,6 +64,7 @@ class Harness:
     seed: int
     database_url: str
     log: Callable[[str], None] = field(default=print)
+    holds: Holds = field(default_factory=Holds)
 
     def broker_urls(self) -> list[str]:
         """One URL per broker node, for the report's own look at the dead letters."""
@@ -87,7 +96,7 @@ async def leader_kill(harness: Harness, rng: random.Random) -> str:
     cluster = harness.cluster
     leader = await asyncio.to_thread(cluster.leader, QUEUE)
     await asyncio.to_thread(cluster.kill, leader)
-    held = await _hold(rng, NODE_DOWN_SECONDS)
+    held = await _hold(rng, harness.holds.node_down)
     await asyncio.to_thread(cluster.start_node, leader)
     return f"kill -9 node {leader} (leader of {QUEUE}), booted again after {held} s"
 
@@ -97,7 +106,7 @@ async def leader_partition(harness: Harness, rng: random.Random) -> str:
     cluster = harness.cluster
     leader = await asyncio.to_thread(cluster.leader, QUEUE)
     await asyncio.to_thread(cluster.partition, leader)
-    held = await _hold(rng, PARTITION_SECONDS)
+    held = await _hold(rng, harness.holds.partition)
     await asyncio.to_thread(cluster.heal, leader)
     return f"partitioned node {leader} (leader of {QUEUE}) for {held} s"
 
@@ -109,7 +118,7 @@ async def publisher_node_stop(harness: Harness, rng: random.Random) -> str:
     address = await _publisher_node(harness.apis[api])
     node = next(i for i in range(cluster.size) if cluster.node_address(i) == address)
     await asyncio.to_thread(cluster.stop, node)
-    held = await _hold(rng, NODE_DOWN_SECONDS)
+    held = await _hold(rng, harness.holds.node_down)
     await asyncio.to_thread(cluster.start_node, node)
     return f"stopped node {node} (api {api}'s publisher's), started again after {held} s"
 
@@ -140,7 +149,7 @@ async def db_failover(harness: Harness, rng: random.Random) -> str:
     pair = harness.pair
     old = pair.primary
     await asyncio.to_thread(pair.stop_primary)
-    held = await _hold(rng, PROMOTION_DELAY_SECONDS)
+    held = await _hold(rng, harness.holds.promotion)
     await asyncio.to_thread(pair.promote_standby)
     return f"crashed primary {old}, promoted standby {pair.primary} after {held} s"
 
@@ -155,7 +164,7 @@ async def worker_kill_with_broker_fault(harness: Harness, rng: random.Random) ->
     victim = rng.randrange(len(harness.workers))
     node = rng.randrange(cluster.size)
     await asyncio.gather(harness.workers[victim].kill(), asyncio.to_thread(cluster.kill, node))
-    held = await _hold(rng, NODE_DOWN_SECONDS)
+    held = await _hold(rng, harness.holds.node_down)
     _, harness.workers[victim] = await asyncio.gather(
         asyncio.to_thread(cluster.start_node, node), harness.start_worker(victim)
     )
