@@ -1,29 +1,24 @@
 """The cluster harness's RabbitMQ (chaos/rabbit.py): three real nodes, the project's quorum
 queue replicated on all of them, and the faults the chaos runner stages.
 
-One cluster serves the module (booting it takes half a minute or more on two cores); each
-test leaves it healthy for the next. The topology is declared through one node's URL, as
-any client of the cluster would. A kill -9 of the queue's leader and a partition of a node
-must leave the other two electing a leader and confirming publishes; the killed node comes
-back on its data and the cut-off one, once healed, rejoins: the cluster is healthy again,
-with the queue's members all online. How long each fault takes to settle is printed
-(`pytest -s`), not asserted: the bounds below only keep a broken cluster from hanging.
+The cluster is the session's (tests/cluster/conftest.py), with the topology declared through
+one node's URL, as any client of the cluster would. A kill -9 of the queue's leader must
+leave the other two electing a leader and confirming publishes; the killed node comes back
+on its data: the cluster is healthy again, with the queue's members all online. (A partition
+of the leader, the cut-off node pausing and rejoining once healed, is staged with apis
+posting through it: tests/cluster/test_publisher_partition.py.) How long each fault takes to
+settle is printed (`pytest -s`), not asserted: the bounds below only keep a broken cluster
+from hanging.
 """
 
 import asyncio
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import aio_pika
-import aiormq
 import pytest
 
 from chaos.rabbit import ClusterError, RabbitCluster
-from shared.settings import Settings
-from shared.topology import DEAD_LETTER_QUEUE, EXCHANGE, QUEUE, ROUTING_KEY, declare_topology
+from shared.topology import DEAD_LETTER_QUEUE, EXCHANGE, QUEUE, ROUTING_KEY
 from tests.support.services import port_open
 
 # Boots a broker of its own: never a unit test, whatever fixtures it uses.
@@ -33,31 +28,8 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 # A publish waits for a new leader when the old one is gone: an election, then the commit.
 CONFIRM_TIMEOUT_SECONDS = 60.0
 ELECTION_TIMEOUT_SECONDS = 60.0
-# The cut-off node notices within 1.25 net ticktimes (chaos/rabbit.py), then pauses.
-PAUSE_TIMEOUT_SECONDS = 90.0
 HEALTHY_TIMEOUT_SECONDS = 180.0
 POLL_SECONDS = 0.2
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RabbitCluster]:
-    """A running cluster with the project's topology declared, removed after the module."""
-    workdir = Path(tempfile.mkdtemp(prefix="score-ingest-cluster-"))
-    try:
-        started = time.monotonic()
-        with RabbitCluster(workdir) as running:
-            print(f"\ncluster of 3 running in {time.monotonic() - started:.1f} s")
-            asyncio.run(_declare_topology(running.node_url(0)))
-            running.wait_healthy([QUEUE, DEAD_LETTER_QUEUE], timeout=HEALTHY_TIMEOUT_SECONDS)
-            yield running
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-async def _declare_topology(url: str) -> None:
-    connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT_SECONDS)
-    async with connection:
-        await declare_topology(await connection.channel(), Settings(amqp_url=url))
 
 
 async def publish_confirmed(url: str, body: bytes) -> int:
@@ -159,43 +131,3 @@ async def test_killing_the_leader_elects_another_which_confirms_publishes(
 
     # A nacked publish may yet have been stored: a retry can leave a second copy.
     assert set(await drain(cluster.node_url(killed))) == {b"after the kill", b"through a follower"}
-
-
-async def test_a_node_cut_off_pauses_while_the_other_two_confirm_publishes(
-    cluster: RabbitCluster,
-) -> None:
-    cluster.wait_healthy([QUEUE], timeout=HEALTHY_TIMEOUT_SECONDS)
-    cut = cluster.leader(QUEUE)
-    others = [i for i in range(3) if i != cut]
-    # aiormq's: aio_pika's connection says closed only once closed by its owner.
-    client = await aiormq.connect(cluster.node_url(cut))
-
-    started = time.monotonic()
-    cluster.partition(cut)
-    try:
-        nacks = 0
-        for i in others:
-            nacks += await publish_confirmed(cluster.node_url(i), f"through node {i}".encode())
-        confirmed = time.monotonic() - started
-        # pause_minority: the node on its own stops serving; its clients are put out.
-        deadline = time.monotonic() + PAUSE_TIMEOUT_SECONDS
-        while (listening := amqp_port_open(cluster, cut)) or not client.is_closed:
-            assert time.monotonic() < deadline, (
-                f"node {cut}, cut off, still listening ({listening}) or its client still "
-                f"connected ({not client.is_closed}) after {PAUSE_TIMEOUT_SECONDS}s"
-            )
-            await asyncio.sleep(POLL_SECONDS)
-        paused = time.monotonic() - started
-        assert cluster.leader(QUEUE) in others
-    finally:
-        cluster.heal(cut)
-        await client.close()
-    healed = time.monotonic()
-    cluster.wait_healthy([QUEUE], timeout=HEALTHY_TIMEOUT_SECONDS)
-    print(
-        f"\npartition of leader {cut}: publishes to the others confirmed after "
-        f"{confirmed:.1f} s ({nacks} nacks), node {cut} paused after {paused:.1f} s; "
-        f"healed and healthy in {time.monotonic() - healed:.1f} s"
-    )
-
-    assert set(await drain(cluster.node_url(cut))) == {f"through node {i}".encode() for i in others}
