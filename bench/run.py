@@ -11,7 +11,10 @@ Phases, in order (BENCHMARKS.md explains each and how to read the results):
    score.batch.v1 messages of 500 posted to an api's batch endpoint (published by the api to
    exchange `scores.api`), and as the same batch messages published straight to exchange
    `scores` (so validated in full); then 10k vs 1M single-score messages for the worker's
-   memory (the worker is profiled while it drains the 1M backlog).
+   memory (the worker is profiled while it drains the 1M backlog);
+5. tracing's cost: single POSTs against an api with tracing off and on (and the code of
+   another checkout, `--tracing-baseline`), interleaved (`--only-tracing`: this phase alone,
+   written to bench/tracing.json).
 
 Writes bench/results.json and bench/throughput_latency.png, prints every target as PASS or
 FAIL, and exits 1 when any fails (2 when the bench itself could not run).
@@ -62,6 +65,7 @@ from bench._services import (
     tool,
 )
 from bench._system import CpuWindow, RssSampler, load_average, peak_rss_kib
+from bench._tracing import tracing_cost
 from shared.contract import BATCH_MESSAGE_TYPE
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -105,6 +109,9 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
     add("--profile-seconds", type=float, default=10, help="py-spy seconds (0: no profile)")
     add("--quiet-cpu", type=float, default=20, help="start when the machine is less busy (%%)")
     add("--quiet-wait", type=float, default=120, help="longest wait for that, in seconds")
+    add("--tracing-rounds", type=int, default=1, help="interleaved rounds of tracing off/on")
+    add("--tracing-baseline", type=Path, help="a checkout of the code to compare tracing off to")
+    add("--only-tracing", action="store_true", help="run the tracing phase alone")
     add("--output", type=Path, default=BENCH_DIR / "results.json")
     add("--plot", type=Path, default=BENCH_DIR / "throughput_latency.png")
     add("--profile-dir", type=Path, default=BENCH_DIR.parent / ".bench" / "profile")
@@ -778,6 +785,19 @@ def _reported(results: dict[str, Any]) -> list[str]:
         f" over {worker_view['scores']:,.0f} scores",
         f"drain of direct publishers' (fully validated) batch messages vs batch"
         f" accept: {direct / batch:.2f}x ({direct:,.0f} vs {batch:,.0f} scores/s)",
+        *_tracing_reported(results.get("tracing")),
+    ]
+
+
+def _tracing_reported(tracing: dict[str, Any] | None) -> list[str]:
+    if tracing is None:
+        return []
+    off, on = tracing["off"], tracing["on"]
+    return [
+        f"tracing on (OTLP to a local sink) vs off, single POSTs: {on['requests_per_s']:,.0f} vs"
+        f" {off['requests_per_s']:,.0f} req/s, api CPU {on['api_cpu_ms_per_request']:.3f} vs"
+        f" {off['api_cpu_ms_per_request']:.3f} ms a request"
+        f" ({tracing['on_vs_off']['api_cpu_per_request']:.2f}x)"
     ]
 
 
@@ -840,6 +860,9 @@ async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[st
             with ProcessGroup() as group:
                 run = _Run(options, env, group, work, results, broker_pid())
                 try:
+                    if options.only_tracing:
+                        results["tracing"] = await _tracing(run, single)
+                        return results
                     comparisons = {
                         name: await _start_comparison(run, name) for name in ("bare", "naive")
                     }
@@ -852,6 +875,8 @@ async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[st
                         "rows": naive_rows,
                     }
                     await _backlogs(run)
+                    if options.tracing_rounds > 0:
+                        results["tracing"] = await _tracing(run, single)
                 except BaseException:
                     _keep_logs(work)
                     raise
@@ -860,6 +885,10 @@ async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[st
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     results["meta"]["load_at_end"] = [round(v, 2) for v in load_average()]
     return results
+
+
+async def _tracing(run: _Run, single: Path) -> dict[str, Any]:
+    return await tracing_cost(run, single, lambda expected: _wait_until_settled(run, expected))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -882,6 +911,10 @@ def main(argv: list[str] | None = None) -> int:
             "bench: interrupted; servers stopped, bench database and vhost removed", file=sys.stderr
         )
         return 2
+    if options.only_tracing:
+        (BENCH_DIR / "tracing.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["tracing"], indent=2))
+        return 0
     targets, checks = _verdicts(results)
     results["targets"] = [vars(v) for v in targets]
     results["checks"] = [vars(v) for v in checks]
