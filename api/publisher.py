@@ -2,6 +2,7 @@
 
 The api publishes to exchange `scores.api`, which only its broker user may write to: the
 worker stores what comes through it without validating it again (README, "Trust model").
+Each project's scores go to one shard's queue (shared/topology.py, README "Sharded queues").
 """
 
 import asyncio
@@ -40,7 +41,13 @@ from shared.contract import (
 )
 from shared.ids import new_score_id
 from shared.settings import Settings
-from shared.topology import API_EXCHANGE, ROUTING_KEY, declare_topology_once
+from shared.topology import (
+    API_EXCHANGE,
+    ROUTING_KEY,
+    declare_topology_once,
+    shard_of,
+    shard_routing_key,
+)
 from shared.tracing import current_traceparent, trace_headers
 
 log = logging.getLogger(__name__)
@@ -73,6 +80,16 @@ LINKS = 2
 MessageFields = dict[str, Any]
 # A score as it travels: its id (a lone score's message_id) and its JSON.
 _Encoded = tuple[str, bytes]
+
+
+class _Gathered:
+    """Single scores for one routing key, gathered in one turn of the event loop."""
+
+    def __init__(self) -> None:
+        self.scores: list[tuple[_Encoded, asyncio.Future[None]]] = []
+        self.bytes = 0  # of their JSON, commas and batch framing not counted
+        self.traces: list[str] = []  # their requests' traceparents, when traced
+
 
 # A batch body is these around the scores' JSON, joined by commas: what to_json gives too.
 _BATCH_OPENING, _BATCH_CLOSING = b'{"scores":[', b"]}"
@@ -149,9 +166,8 @@ class ScorePublisher:
         ]
         self._turn = 0
         self._connected = asyncio.Event()
-        self._gathered: list[tuple[_Encoded, asyncio.Future[None]]] = []
-        self._gathered_bytes = 0  # of their JSON, commas and batch framing not counted
-        self._gathered_traces: list[str] = []  # their requests' traceparents, when traced
+        # By routing key: a message goes to one shard, so gathering is per shard.
+        self._gathered: dict[str, _Gathered] = {}
 
     def start(self) -> None:
         """Begin connecting in the background; until connected, publishes answer 503."""
@@ -253,6 +269,7 @@ class ScorePublisher:
         (requests that arrived together) also travel as one message, like a group commit,
         as many as fit under the same limit: each request still answers only after the
         confirm of the message holding its score, and no request waits for others to arrive.
+        A message holds one project's scores or, gathered, those of projects of one shard.
         """
         try:
             if len(messages) == 1:
@@ -265,39 +282,53 @@ class ScorePublisher:
             raise BrokerUnavailable(str(exc)) from exc
         SCORES_ACCEPTED.inc(len(messages))
 
+    def _routing_key(self, score: MessageFields) -> str:
+        """Where a score goes on `scores.api`: its shard's key, or `score.create` unsharded."""
+        shards = self._settings.queue_shards
+        if not shards:
+            return ROUTING_KEY
+        return shard_routing_key(shard_of(score["entity"], score["project"], shards))
+
     def _gather(self, score: MessageFields, outcome: asyncio.Future[None]) -> None:
         body = to_json(score)
-        gathered = len(self._gathered)
-        if gathered and (
-            gathered >= MAX_BATCH_SCORES
-            or _batch_bytes(self._gathered_bytes + len(body), gathered + 1)
+        routing_key = self._routing_key(score)
+        gathered = self._gathered.get(routing_key)
+        if gathered is not None and (
+            len(gathered.scores) >= MAX_BATCH_SCORES
+            or _batch_bytes(gathered.bytes + len(body), len(gathered.scores) + 1)
             > self._settings.broker_max_message_bytes
         ):
-            self._publish_gathered()  # full: this score starts the next message
-        self._gathered.append(((str(score["score_id"]), body), outcome))
-        self._gathered_bytes += len(body)
+            self._publish_gathered(routing_key, gathered)  # full: this score starts the next
+            gathered = None
+        if gathered is None:
+            gathered = self._gathered[routing_key] = _Gathered()
+            asyncio.get_running_loop().call_soon(self._publish_gathered, routing_key, gathered)
+        gathered.scores.append(((str(score["score_id"]), body), outcome))
+        gathered.bytes += len(body)
         if (traceparent := current_traceparent.get()) is not None:
-            self._gathered_traces.append(traceparent)
-        if len(self._gathered) == 1:
-            asyncio.get_running_loop().call_soon(self._publish_gathered)
+            gathered.traces.append(traceparent)
 
-    def _publish_gathered(self) -> None:
-        gathered, self._gathered, self._gathered_bytes = self._gathered, [], 0
-        traces, self._gathered_traces = self._gathered_traces, []
-        if gathered:
-            scores = [score for score, _ in gathered]
-            self._publish(scores, [outcome for _, outcome in gathered], traces)
+    def _publish_gathered(self, routing_key: str, gathered: _Gathered) -> None:
+        """Publish what was gathered for routing_key, unless published already (full)."""
+        if self._gathered.get(routing_key) is not gathered:
+            return
+        del self._gathered[routing_key]
+        scores = [score for score, _ in gathered.scores]
+        outcomes = [outcome for _, outcome in gathered.scores]
+        self._publish(scores, outcomes, gathered.traces, routing_key)
 
     def _publish_batch(self, scores: Sequence[MessageFields]) -> list[asyncio.Future[None]]:
         """Publish a batch request's scores; returns the outcome of each message they took."""
         loop = asyncio.get_running_loop()
         limit = self._settings.broker_max_message_bytes
+        # A batch request's scores share their entity and project, so their shard.
+        routing_key = self._routing_key(scores[0])
         body = to_json({"scores": scores})
         traceparent = current_traceparent.get()
         traces = [] if traceparent is None else [traceparent]
         if len(body) <= limit:
             outcome: asyncio.Future[None] = loop.create_future()
-            self._send(body, BATCH_PROPERTIES, str(new_score_id()), [outcome], traces)
+            self._send(body, BATCH_PROPERTIES, str(new_score_id()), [outcome], traces, routing_key)
             return [outcome]
         # Larger than the broker takes: the scores go in several messages, so a failure can
         # leave some stored (README: retry with an Idempotency-Key).
@@ -305,18 +336,22 @@ class ScorePublisher:
         outcomes = []
         for part in _parts(encoded, limit):
             outcomes.append(loop.create_future())
-            self._publish(part, outcomes[-1:], traces)
+            self._publish(part, outcomes[-1:], traces, routing_key)
         return outcomes
 
     def _publish(
-        self, scores: list[_Encoded], outcomes: list[asyncio.Future[None]], traces: list[str]
+        self,
+        scores: list[_Encoded],
+        outcomes: list[asyncio.Future[None]],
+        traces: list[str],
+        routing_key: str,
     ) -> None:
         if len(scores) == 1:
             (message_id, body), properties = scores[0], SCORE_PROPERTIES
         else:
             body = _BATCH_OPENING + b",".join(body for _, body in scores) + _BATCH_CLOSING
             properties, message_id = BATCH_PROPERTIES, str(new_score_id())
-        self._send(body, properties, message_id, outcomes, traces)
+        self._send(body, properties, message_id, outcomes, traces, routing_key)
 
     def _send(
         self,
@@ -325,6 +360,7 @@ class ScorePublisher:
         message_id: str,
         outcomes: list[asyncio.Future[None]],
         traces: list[str],
+        routing_key: str,
     ) -> None:
         started = time.perf_counter()
         link = self._link_to_publish_on()
@@ -333,7 +369,7 @@ class ScorePublisher:
                 raise PublishFailed("unavailable", "not connected to the message broker")
             confirm = link.connection.publish(
                 API_EXCHANGE,
-                ROUTING_KEY,
+                routing_key,
                 body,
                 properties,
                 message_id=message_id,

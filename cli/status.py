@@ -4,19 +4,22 @@ What it reads, and how, so that looking changes nothing:
 
 - each node of AMQP_URL: a connection opened and closed;
 - PostgreSQL: a connection, and the newest stored score (the primary key's last entry);
-- `scores.persist` and `scores.dead`: ready messages and consumers by passive declaration,
-  twice, `--sample-seconds` apart, for the rate at which the ready count changes;
+- `scores.persist`, each of its QUEUE_SHARDS shards and `scores.dead`: ready messages and
+  consumers by passive declaration, twice, `--sample-seconds` apart, for the rate at which
+  the ready count changes;
 - the dead letters by reason: one pass over `scores.dead` as `dlq list` takes it (held
   unacknowledged, returned in order when the channel closes), only when it holds at most
   `--dead-letters` letters;
 - the health endpoints and /metrics of the apis and workers named with `--api`/`--worker`,
   twice, for the accepted and stored rates.
 
-`scores.persist` itself is never read: a quorum queue counts every delivery, returned or
-not, towards QUEUE_DELIVERY_LIMIT, and a status run every few seconds would dead-letter a
-stuck queue's head. So the oldest unstored score's age is worked out, not seen: the queue
-is first in, first out, so the scores waiting were created after the newest stored one, and
-the newest stored one's age bounds theirs from above (README, "Operating it").
+The persist queues themselves are never read: a quorum queue counts every delivery,
+returned or not, towards QUEUE_DELIVERY_LIMIT, and a status run every few seconds would
+dead-letter a stuck queue's head. So the oldest unstored score's age is worked out, not
+seen: a queue is first in, first out, so the scores waiting were created after the newest
+stored one, and the newest stored one's age bounds theirs from above (README, "Operating
+it"). That holds with one queue only: with shards, a quiet shard's fresh score is stored
+before a busy shard's older backlog, so then the age is unknown while scores wait.
 """
 
 import asyncio
@@ -46,9 +49,8 @@ from rich.text import Text
 from cli._dead_letters import DeadLetterQueue, Filter, printable
 from shared.broker import broker_nodes, node_address, tls_context
 from shared.settings import Settings, get_settings
-from shared.topology import DEAD_LETTER_QUEUE, QUEUE
+from shared.topology import DEAD_LETTER_QUEUE, QUEUE, persist_queues
 
-QUEUES: Final = (QUEUE, DEAD_LETTER_QUEUE)
 ACCEPTED_METRIC: Final = "score_ingest_scores_accepted_total"
 PERSISTED_METRIC: Final = "score_ingest_scores_persisted_total"
 HELD_METRIC: Final = "score_ingest_worker_held_messages"
@@ -162,9 +164,15 @@ async def _check_node(
     return NodeState(node, reachable=True), connection
 
 
-async def _sample_queues(connection: AbstractConnection, answer_seconds: float) -> list[QueueState]:
+def _queues(settings: Settings) -> list[str]:
+    return [*persist_queues(settings), DEAD_LETTER_QUEUE]
+
+
+async def _sample_queues(
+    connection: AbstractConnection, names: list[str], answer_seconds: float
+) -> list[QueueState]:
     states = []
-    for name in QUEUES:
+    for name in names:
         # A passive declaration of a missing queue closes its channel: one channel each.
         try:
             async with asyncio.timeout(answer_seconds), connection.channel() as channel:
@@ -282,12 +290,13 @@ async def gather_status(settings: Settings, options: Options) -> Status:
         health = asyncio.gather(*(_check_health(e, options.timeout) for e in endpoints))
         first_metrics = await asyncio.gather(*(_metrics(e, options.timeout) for e in endpoints))
         started = time.monotonic()
-        first = await _sample_queues(connections[0], options.timeout) if connections else []
+        names = _queues(settings)
+        first = await _sample_queues(connections[0], names, options.timeout) if connections else []
         await asyncio.sleep(options.sample_seconds)
-        second = await _sample_queues(connections[0], options.timeout) if connections else []
+        second = await _sample_queues(connections[0], names, options.timeout) if connections else []
         last_metrics = await asyncio.gather(*(_metrics(e, options.timeout) for e in endpoints))
         elapsed = time.monotonic() - started
-        queues = _queue_states(first, second, elapsed)
+        queues = _queue_states(names, first, second, elapsed)
         _endpoint_rates(endpoints, first_metrics, last_metrics, elapsed)
         dead = next(q for q in queues if q.queue == DEAD_LETTER_QUEUE)
         dead_letters = (
@@ -318,10 +327,10 @@ async def gather_status(settings: Settings, options: Options) -> Status:
 
 
 def _queue_states(
-    first: list[QueueState], second: list[QueueState], elapsed: float
+    names: list[str], first: list[QueueState], second: list[QueueState], elapsed: float
 ) -> list[QueueState]:
     if not second:
-        return [QueueState(name, error="no broker node reachable") for name in QUEUES]
+        return [QueueState(name, error="no broker node reachable") for name in names]
     before = {state.queue: state for state in first}
     for state in second:
         earlier = before.get(state.queue)
@@ -349,14 +358,24 @@ def _endpoint_rates(
 def _oldest_unstored(
     queues: list[QueueState], endpoints: list[EndpointState], database: Mapping[str, Any]
 ) -> OldestUnstored:
-    persist = next(q for q in queues if q.queue == QUEUE)
-    if persist.ready is None:
-        return OldestUnstored(None, "unknown: scores.persist could not be read")
+    persist = [q for q in queues if q.queue != DEAD_LETTER_QUEUE]
+    unread = [q.queue for q in persist if q.ready is None]
+    if unread:
+        return OldestUnstored(None, f"unknown: {', '.join(unread)} could not be read")
     held = sum(e.held_messages or 0 for e in endpoints if e.role == "worker")
-    if persist.ready == 0 and held == 0:
+    if not any(q.ready for q in persist) and held == 0:
+        where = f"{QUEUE} has no" if len(persist) == 1 else "no persist queue has a"
         seen = "and the workers named hold none" if endpoints else "(a worker's held messages "
         seen += "" if endpoints else "are seen with --worker)"
-        return OldestUnstored(0.0, f"none waiting: scores.persist has no ready message {seen}")
+        return OldestUnstored(0.0, f"none waiting: {where} ready message {seen}")
+    if len(persist) > 1:
+        waiting = sum(q.ready or 0 for q in persist)
+        return OldestUnstored(
+            None,
+            f"unknown: {waiting} message(s) wait in {len(persist)} queues, and with shards the "
+            "newest stored score bounds nothing (a quiet shard's is stored before a busy "
+            "one's backlog): see each queue's ready rate",
+        )
     newest = database.get("newest_stored_age_seconds")
     if newest is None:
         why = "no score stored yet" if database.get("error") is None else database["error"]
@@ -379,8 +398,8 @@ def problems(status: Status, max_age_seconds: float) -> list[str]:
     for queue in status.queues:
         if queue.error is not None:
             found.append(f"{queue.queue}: {queue.error}")
-        elif queue.queue == QUEUE and queue.ready and not queue.consumers:
-            found.append(f"{QUEUE} has {queue.ready} ready message(s) and no consumer")
+        elif queue.queue != DEAD_LETTER_QUEUE and queue.ready and not queue.consumers:
+            found.append(f"{queue.queue} has {queue.ready} ready message(s) and no consumer")
         elif queue.queue == DEAD_LETTER_QUEUE and queue.ready:
             found.append(f"{DEAD_LETTER_QUEUE} holds {queue.ready} dead letter(s)")
     age = status.oldest_unstored.age_seconds
@@ -427,7 +446,7 @@ def render(status: Status) -> Table:
         if queue.error is not None:
             row(f"queue {queue.queue}", False, "?", queue.error)
             continue
-        stuck = queue.queue == QUEUE and bool(queue.ready) and not queue.consumers
+        stuck = queue.queue != DEAD_LETTER_QUEUE and bool(queue.ready) and not queue.consumers
         dead = queue.queue == DEAD_LETTER_QUEUE and bool(queue.ready)
         row(
             f"queue {queue.queue}",

@@ -6,10 +6,18 @@ letters go through exchange `scores.dlx` to quorum queue `scores.dead`. Exchange
 and the broker's permissions let no other user write to it, so the worker trusts what comes
 through it as validated by the api (worker/decode.py; README, "Trust model").
 
+Sharding (README, "Sharded queues"): with QUEUE_SHARDS = N > 0 the api publishes to
+`scores.api` with routing key `score.create.<i>`, i = shard_of(entity, project, N), to quorum
+queue `scores.persist.<i>`; `scores.persist` then holds direct publishers' messages only (and
+those of apis still unsharded). Workers consume every queue of persist_queues(). The shard
+queues' leaders spread over the cluster's nodes (`x-queue-leader-locator: balanced`, which
+`scores.persist` cannot take without being deleted: the argument is checked on redeclaring).
+
 Declaring is idempotent; queue arguments cannot change once a queue exists (RabbitMQ refuses
 the declaration with PRECONDITION_FAILED), so changing them means draining and deleting it.
 """
 
+import hashlib
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,6 +35,7 @@ EXCHANGE: Final = "scores"
 API_EXCHANGE: Final = "scores.api"
 ROUTING_KEY: Final = "score.create"
 QUEUE: Final = "scores.persist"
+SHARD_QUEUE_PREFIX: Final = "scores.persist."
 DEAD_LETTER_EXCHANGE: Final = "scores.dlx"
 DEAD_LETTER_QUEUE: Final = "scores.dead"
 
@@ -44,6 +53,33 @@ def persist_queue_arguments(settings: Settings) -> FieldTable:
     }
 
 
+def shard_of(entity: str, project: str, shards: int) -> int:
+    """The shard of a project's scores: the first 8 bytes of SHA-256 of `entity/project`
+    (UTF-8), big-endian, modulo the number of shards; stable across processes and versions."""
+    digest = hashlib.sha256(f"{entity}/{project}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % shards
+
+
+def shard_routing_key(shard: int) -> str:
+    """The routing key, on `scores.api`, of a shard's queue."""
+    return f"{ROUTING_KEY}.{shard}"
+
+
+def shard_queue(shard: int) -> str:
+    """The name of a shard's queue."""
+    return f"{SHARD_QUEUE_PREFIX}{shard}"
+
+
+def persist_queues(settings: Settings) -> list[str]:
+    """Every queue the worker consumes: `scores.persist`, then each shard's queue."""
+    return [QUEUE, *(shard_queue(shard) for shard in range(settings.queue_shards))]
+
+
+def shard_queue_arguments(settings: Settings) -> FieldTable:
+    """Arguments of a shard's queue: those of `scores.persist`, leaders spread over nodes."""
+    return {**persist_queue_arguments(settings), "x-queue-leader-locator": "balanced"}
+
+
 @dataclass(frozen=True)
 class Topology:
     """Handles to the declared exchanges and queues, on the channel that declared them."""
@@ -53,6 +89,7 @@ class Topology:
     dead_letter_exchange: AbstractExchange
     queue: AbstractQueue
     dead_letter_queue: AbstractQueue
+    shard_queues: tuple[AbstractQueue, ...] = ()
 
 
 async def declare_topology_once(
@@ -92,5 +129,13 @@ async def declare_topology(channel: AbstractChannel, settings: Settings) -> Topo
         QUEUE, durable=True, arguments=persist_queue_arguments(settings)
     )
     await persist.bind(exchange, routing_key=ROUTING_KEY)
+    # Apis still unsharded (QUEUE_SHARDS=0, or older ones during a migration) publish here.
     await persist.bind(api_exchange, routing_key=ROUTING_KEY)
-    return Topology(exchange, api_exchange, dead_letter_exchange, persist, dead)
+    shards = []
+    for shard in range(settings.queue_shards):
+        queue = await channel.declare_queue(
+            shard_queue(shard), durable=True, arguments=shard_queue_arguments(settings)
+        )
+        await queue.bind(api_exchange, routing_key=shard_routing_key(shard))
+        shards.append(queue)
+    return Topology(exchange, api_exchange, dead_letter_exchange, persist, dead, tuple(shards))

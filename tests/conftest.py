@@ -225,8 +225,8 @@ async def _empty_queues(settings: Settings) -> None:
     async with connection:
         channel = await connection.channel()
         topology = await declare_topology(channel, settings)
-        await topology.queue.purge()
-        await topology.dead_letter_queue.purge()
+        for queue in (topology.queue, *topology.shard_queues, topology.dead_letter_queue):
+            await queue.purge()
 
 
 @pytest.fixture(autouse=True)

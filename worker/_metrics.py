@@ -36,12 +36,18 @@ CONSUMER_LAG_SECONDS = Gauge(
 QUEUE_DEPTH = Gauge(
     "score_ingest_queue_depth", "Messages ready in a queue, polled by the worker", ["queue"]
 )
+QUEUE_CONSUMERS = Gauge(
+    "score_ingest_queue_consumers",
+    "Consumers of a queue (every worker's), polled by the worker",
+    ["queue"],
+)
 DATABASE_RETRIES = Counter(
     "score_ingest_database_retries_total", "Batch writes retried because PostgreSQL failed"
 )
 PREFETCH = Gauge(
     "score_ingest_worker_prefetch",
-    "Messages the broker may send ahead (fitted to WORKER_PREFETCH_BYTES by message size)",
+    "Messages the broker may send ahead, over every queue consumed (each queue's fitted to "
+    "WORKER_PREFETCH_BYTES by message size)",
 )
 MESSAGES_DECODED = Counter(
     "score_ingest_messages_decoded_total",

@@ -1,8 +1,9 @@
-"""Taking batches from the worker's inbox: the deliveries the consumer handed over, decoded
-as they are taken, a batch message counting for all of its scores."""
+"""Taking batches from the worker's inbox: the deliveries the consumers handed over, decoded
+as they are taken, a batch message counting for all of its scores, the queues in turn."""
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 
 from shared.dead_letters import DeadLetterReason
@@ -19,54 +20,67 @@ _YIELD_EVERY_SCORES = 250
 
 
 class Inbox:
-    """Deliveries waiting to be stored, in delivery order, taken out in batches.
+    """Deliveries waiting to be stored, in delivery order per queue, taken out in batches
+    that take from each queue in turn.
 
-    What waits here is bounded by the consumer (its prefetch window and its byte budget), not
-    by the inbox. `window` says the consumer's prefetch count at the time a batch is taken.
+    Taking in turn is what keeps one queue's backlog from holding back another's messages:
+    a message of a quiet queue goes into the next batch, however many of a busy queue's
+    wait before it. Each queue's messages are still taken in its delivery order, so a
+    batch's acks (one per channel, for its highest delivery tag) settle only what was
+    stored. What waits here is bounded by the consumers (their prefetch windows and byte
+    budget), not by the inbox. `window` says a queue's prefetch count when a batch is taken.
     """
 
-    def __init__(self, settings: Settings, window: Callable[[], int]) -> None:
+    def __init__(self, settings: Settings, window: Callable[[str], int]) -> None:
         self._settings = settings
         self._window = window
-        # None closes the inbox: the batch being collected ends there.
-        self._queue: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._waiting: dict[str, deque[Delivery]] = {}
+        self._count = 0
+        self._arrived = asyncio.Event()
+        self._closed = False
+        # The queue a batch starts with, in turn: each queue is first as often as the others.
+        self._turn = 0
 
     def put(self, delivery: Delivery) -> None:
-        """Hand over a delivery (the consumer's callback)."""
-        self._queue.put_nowait(delivery)
+        """Hand over a delivery (the consumers' callback)."""
+        self._waiting.setdefault(delivery.queue, deque()).append(delivery)
+        self._count += 1
+        self._arrived.set()
 
     def close(self) -> None:
         """End the batch being collected, or the next one, there (then `collect` returns [])."""
-        self._queue.put_nowait(None)
+        self._closed = True
+        self._arrived.set()
 
     async def collect(self) -> list[Taken]:
-        """Wait for one message, then take more until the batch holds WORKER_BATCH_SIZE scores
-        (or a quarter of the prefetch window in messages) or the flush interval ends; [] once
-        closed."""
-        first = await self._queue.get()
-        if first is None:
+        """Wait for one message, then take more, one from each queue in turn, until the
+        batch holds WORKER_BATCH_SIZE scores (or from a queue a quarter of its prefetch
+        window in messages) or the flush interval ends; [] once closed."""
+        while not self._count and not self._closed:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self._closed:
             return []
-        batch = [self._decode(first)]
-        scores = _count(batch[0])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.worker_flush_interval_seconds
-        # At most a quarter of the prefetch window in messages, so that the broker keeps
-        # sending while a batch is stored (one message while isolating a culprit).
-        most_messages = max(1, self._window() // 4)
+        batch: list[Taken] = []
+        taken: dict[str, int] = {}
+        scores = 0
         next_yield = _YIELD_EVERY_SCORES
-        while scores < self._settings.worker_batch_size and len(batch) < most_messages:
-            if self._queue.empty():
+        while scores < self._settings.worker_batch_size:
+            message = self._take_next(taken)
+            if message is None:
+                # Nothing more that may be taken now: wait for more within the interval,
+                # unless every queue with messages waiting has given all it may.
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if self._count or remaining <= 0 or self._closed:
                     break
+                self._arrived.clear()
                 try:
-                    message = await asyncio.wait_for(self._queue.get(), remaining)
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
-            else:
-                message = self._queue.get_nowait()
-            if message is None:
-                break
+                continue
             batch.append(self._decode(message))
             scores += _count(batch[-1])
             if scores >= next_yield:
@@ -74,15 +88,32 @@ class Inbox:
                 # take its next round trip to PostgreSQL in between.
                 next_yield = scores + _YIELD_EVERY_SCORES
                 await asyncio.sleep(0)
+        self._turn += 1
         return batch
+
+    def _take_next(self, taken: dict[str, int]) -> Delivery | None:
+        """The next message in turn from a queue that has not given its share to this
+        batch: at most a quarter of its prefetch window, so that the broker keeps sending
+        while a batch is stored (one message while isolating a culprit)."""
+        queues = [queue for queue, waiting in self._waiting.items() if waiting]
+        if not queues:
+            return None
+        done = sum(taken.values())
+        for offset in range(len(queues)):
+            queue = queues[(self._turn + done + offset) % len(queues)]
+            if taken.get(queue, 0) < max(1, self._window(queue) // 4):
+                taken[queue] = taken.get(queue, 0) + 1
+                self._count -= 1
+                return self._waiting[queue].popleft()
+        return None
 
     def drain(self) -> list[Taken]:
         """Everything still waiting, decoded, as one batch (on the way out)."""
         drained: list[Taken] = []
-        while not self._queue.empty():
-            message = self._queue.get_nowait()
-            if message is not None:
-                drained.append(self._decode(message))
+        for waiting in self._waiting.values():
+            while waiting:
+                drained.append(self._decode(waiting.popleft()))
+        self._count = 0
         return drained
 
     def _decode(self, message: Delivery) -> Taken:

@@ -6,8 +6,8 @@ import logging
 from aio_pika.abc import AbstractChannel
 
 from shared.settings import Settings
-from shared.topology import DEAD_LETTER_QUEUE, QUEUE
-from worker._metrics import QUEUE_DEPTH
+from shared.topology import DEAD_LETTER_QUEUE
+from worker._metrics import QUEUE_CONSUMERS, QUEUE_DEPTH
 from worker.store import ScoreStore
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,11 @@ async def purge_expired_periodically(store: ScoreStore, settings: Settings) -> N
         await asyncio.sleep(_PURGE_INTERVAL_SECONDS)
 
 
-async def poll_queue_depths_periodically(channel: AbstractChannel) -> None:
-    """Set score_ingest_queue_depth of scores.persist and scores.dead every five seconds."""
+async def poll_queue_depths_periodically(channel: AbstractChannel, queues: list[str]) -> None:
+    """Set score_ingest_queue_depth and score_ingest_queue_consumers of the queues consumed
+    and scores.dead every five seconds."""
     while True:
-        for name in (QUEUE, DEAD_LETTER_QUEUE):
+        for name in (*queues, DEAD_LETTER_QUEUE):
             try:
                 # The robust channel would answer from its cache; ask the broker itself.
                 underlay = await channel.get_underlay_channel()
@@ -49,4 +50,5 @@ async def poll_queue_depths_periodically(channel: AbstractChannel) -> None:
                 log.debug("could not read the depth of %s: %s", name, exc)
             else:
                 QUEUE_DEPTH.labels(name).set(declared.message_count or 0)
+                QUEUE_CONSUMERS.labels(name).set(declared.consumer_count or 0)
         await asyncio.sleep(_QUEUE_DEPTH_INTERVAL_SECONDS)

@@ -1,4 +1,10 @@
-"""The worker's consuming channel: a connection of its own, a byte budget, care after a loss.
+"""The worker's consuming channels: a connection of its own per queue, one byte budget for
+all of them, care after a loss.
+
+The worker consumes several queues (`scores.persist` and its shards, shared/topology.py):
+`Consumers` runs one `Consumer` per queue, each with its connection, channel and prefetch
+window, so that a backlog in one queue never holds back another's deliveries (a gate that
+waits blocks only its own connection), and WORKER_PREFETCH_BYTES bounds what they all hold.
 
 aio-pika's robust `queue.consume` is not used here, for three reasons:
 
@@ -40,6 +46,7 @@ from pamqp.header import ContentHeader
 from shared import field_tables
 from shared.broker import BrokerNodes, tls_context
 from shared.settings import Settings
+from shared.topology import QUEUE
 from worker._metrics import (
     CAUTIOUS,
     CONNECTION_LOSSES,
@@ -90,10 +97,35 @@ def _held_size(body_size: int) -> int:
     return _COPIES_HELD * body_size + _OVERHEAD_BYTES
 
 
+class _Shared:
+    """What the consumers of one worker share: the byte budget (WORKER_PREFETCH_BYTES) and
+    the process's gauges, which add up all of them."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.held_bytes = 0
+        self.room = asyncio.Event()
+        self.consumers: list[Consumer] = []
+
+    def taken(self, subscription: "_Subscription") -> int:
+        """Bytes held, and reserved by deliveries being read, over every consumer (and on
+        subscription, whose consumer may not have taken it yet)."""
+        current = {consumer._subscription for consumer in self.consumers} | {subscription}
+        return self.held_bytes + sum(each.reserved for each in current if each is not None)
+
+    def show(self) -> None:
+        """Update the gauges: held bytes and messages, prefetch windows, caution."""
+        HELD_BYTES.set(self.held_bytes)
+        HELD_MESSAGES.set(sum(consumer.held_messages for consumer in self.consumers))
+        PREFETCH.set(sum(consumer._prefetch for consumer in self.consumers))
+        CAUTIOUS.set(int(any(consumer.cautious for consumer in self.consumers)))
+
+
 class _Subscription:
     """One connection and its channel: what they delivered and was not settled yet."""
 
-    def __init__(self, connection: aiormq.Connection, channel: aiormq.Channel) -> None:
+    def __init__(self, queue: str, connection: aiormq.Connection, channel: aiormq.Channel) -> None:
+        self.queue = queue
         self.connection = connection
         self.channel = channel
         self.consumer_tags: list[str] = []
@@ -115,6 +147,11 @@ class Delivery(IncomingMessage):
         self._subscription = subscription
         self._size = _held_size(len(delivered.body))
         self._problem = problem
+
+    @property
+    def queue(self) -> str:
+        """The queue it was delivered from."""
+        return self._subscription.queue
 
     @property
     def problem(self) -> str | None:
@@ -151,27 +188,31 @@ class Consumer:
     settled (acked or rejected) through this object, which keeps the byte budget.
     """
 
-    def __init__(self, settings: Settings, queue: str, deliver: Callable[[Delivery], None]) -> None:
+    def __init__(
+        self, settings: Settings, queue: str, deliver: Callable[[Delivery], None], shared: _Shared
+    ) -> None:
         self._settings = settings
         self._queue = queue
         self._deliver = deliver
         # Each connection goes to the next of AMQP_URL's nodes: after a loss, not to the
         # node just lost (shared/broker.py).
         self._nodes = BrokerNodes(settings.amqp_url)
-        self._budget = settings.worker_prefetch_bytes
+        self._shared = shared
+        shared.consumers.append(self)
+        # scores.persist's consumer keeps the name it had before shards; a shard's names it.
+        self._connection_name = "score-ingest-worker" + ("" if queue == QUEUE else f" ({queue})")
         self._wanted = min(settings.worker_prefetch, _FIRST_WINDOW)
         self._fitted = False
+        self._prefetch = 0  # the prefetch count of the channel's consumer, once it consumes
         self._subscription: _Subscription | None = None
         self._subscriptions: set[_Subscription] = set()
-        self._held_bytes = 0
-        self._room = asyncio.Event()
         self._changed = asyncio.Event()
         self._stopping = False
         self._connected = asyncio.Event()
         self._cautious_remaining = 0
-        # The gauge is the process's: a consumer before this one (tests run several in one
-        # process) may have left it at 1.
-        CAUTIOUS.set(0)
+        # The gauges are the process's: a consumer before this one (tests run several in one
+        # process) may have left them set.
+        shared.show()
         # Since when the worker holds messages without settling any (None: it holds none).
         self._waiting_since: float | None = None
         self._last_delivery = time.monotonic()
@@ -227,7 +268,7 @@ class Consumer:
             return
         mean_size = sum(message._size for message in recent) / len(recent)
         most = self._settings.worker_prefetch
-        wanted = max(2, min(most, int(self._budget // _WINDOW_SHARE_OF_BUDGET // mean_size)))
+        wanted = max(2, min(most, int(self._shared.budget // _WINDOW_SHARE_OF_BUDGET // mean_size)))
         current = self._wanted
         if wanted * 2 <= current or wanted >= current * 2 or (wanted == most != current):
             self._wanted = wanted
@@ -258,7 +299,7 @@ class Consumer:
         """Take no more deliveries: cancel the consumers (bounded) and stop reconnecting."""
         self._stopping = True
         self._changed.set()
-        self._room.set()
+        self._shared.room.set()
         subscription = self._subscription
         if subscription is None or subscription.channel.is_closed:
             return
@@ -272,7 +313,7 @@ class Consumer:
     async def close(self, within: float) -> None:
         """Close the connection, after a round trip that lets the last acks land."""
         self._stopping = True
-        self._room.set()
+        self._shared.room.set()
         subscription = self._subscription
         if subscription is None:
             return
@@ -335,14 +376,13 @@ class Consumer:
         sizes = [subscription.unsettled.pop(tag) for tag in tags if tag in subscription.unsettled]
         if not sizes:
             return
-        self._held_bytes -= sum(sizes)
+        self._shared.held_bytes -= sum(sizes)
         if subscription.channel.is_closed and not subscription.unsettled:
             self._subscriptions.discard(subscription)
         held = self.held_messages
         self._waiting_since = time.monotonic() if held else None
-        self._room.set()
-        HELD_BYTES.set(self._held_bytes)
-        HELD_MESSAGES.set(held)
+        self._shared.room.set()
+        self._shared.show()
         if self._cautious_remaining and subscription is self._subscription:
             self._cautious_remaining = max(0, self._cautious_remaining - len(sizes))
             if not self._cautious_remaining:
@@ -350,8 +390,8 @@ class Consumer:
 
     def _end_caution(self, why: str) -> None:
         self._cautious_remaining = 0
-        CAUTIOUS.set(0)
-        log.info("consuming with the full window again: %s", why)
+        self._shared.show()
+        log.info("consuming %s with the full window again: %s", self._queue, why)
         self._changed.set()
 
     async def _connect(self) -> _Subscription:
@@ -360,7 +400,7 @@ class Consumer:
         connection = aiormq.Connection(
             self._nodes.take(),
             context=tls_context(settings),
-            client_properties={"connection_name": "score-ingest-worker"},
+            client_properties={"connection_name": self._connection_name},
         )
         try:
             # Bounded: a broker that accepts the connection and then says nothing must not
@@ -373,7 +413,7 @@ class Consumer:
                 await connection.close()
             raise
         assert isinstance(channel, aiormq.Channel)
-        return _Subscription(connection, channel)
+        return _Subscription(self._queue, connection, channel)
 
     async def _subscribe(self, subscription: _Subscription) -> None:
         """Start consuming on the subscription's channel, through the byte gate.
@@ -413,8 +453,8 @@ class Consumer:
         subscription.consumer_tags = [consume_ok.consumer_tag]
         for tag in replaced:
             await channel.basic_cancel(tag)
-        subscription.window = window
-        PREFETCH.set(window)
+        subscription.window = self._prefetch = window
+        self._shared.show()
 
     async def _serve(self, subscription: _Subscription) -> None:
         """Apply window changes until the channel closes (raising why) or stop()."""
@@ -475,7 +515,7 @@ class Consumer:
             return
         # The broker may have sent up to a window of messages; any of them may be the cause.
         self._cautious_remaining = max(self._cautious_remaining, subscription.window)
-        CAUTIOUS.set(1)
+        self._shared.show()
         log.warning(
             "lost the consuming connection (%r) with %d messages unsettled; taking one at a "
             "time until the %d it may have held have passed",
@@ -502,11 +542,11 @@ class Consumer:
         async def gated(frame: Any, header: ContentHeader) -> DeliveredMessage:
             size = _held_size(header.body_size or 0)
             while not self._stopping:
-                taken = self._held_bytes + subscription.reserved
-                if not taken or taken + size <= self._budget:
+                taken = self._shared.taken(subscription)
+                if not taken or taken + size <= self._shared.budget:
                     break
-                self._room.clear()
-                await self._room.wait()
+                self._shared.room.clear()
+                await self._shared.room.wait()
             subscription.reserved += size
             try:
                 return await read_content(frame, header)
@@ -522,11 +562,10 @@ class Consumer:
         self._last_delivery = time.monotonic()
         subscription.unsettled[tag] = message._size
         subscription.reserved -= message._size
-        self._held_bytes += message._size
+        self._shared.held_bytes += message._size
         if self._waiting_since is None:
             self._waiting_since = time.monotonic()
-        HELD_BYTES.set(self._held_bytes)
-        HELD_MESSAGES.set(self.held_messages)
+        self._shared.show()
         if message.redelivered:
             REDELIVERED.inc()
         elif self._cautious_remaining:
@@ -538,6 +577,94 @@ class Consumer:
             self._fitted = True
             self.fit_window([message])
         self._deliver(message)
+
+
+class Consumers:
+    """Consumes every queue given into `deliver`, one Consumer each (its connection, channel
+    and prefetch window of up to WORKER_PREFETCH), within one WORKER_PREFETCH_BYTES budget;
+    settle through it."""
+
+    def __init__(
+        self, settings: Settings, queues: Sequence[str], deliver: Callable[[Delivery], None]
+    ) -> None:
+        shared = _Shared(settings.worker_prefetch_bytes)
+        self._by_queue = {queue: Consumer(settings, queue, deliver, shared) for queue in queues}
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues consumed."""
+        return list(self._by_queue)
+
+    @property
+    def connected(self) -> bool:
+        """Consuming every queue: connected, subscribed, not reconnecting."""
+        return all(consumer.connected for consumer in self._by_queue.values())
+
+    @property
+    def broker(self) -> dict[str, str | bool | None]:
+        """For /readyz: the nodes (`host:port`) consumed from, or being tried, and whether
+        consuming every queue."""
+        nodes = dict.fromkeys(str(c.broker["node"]) for c in self._by_queue.values())
+        return {"node": ", ".join(nodes), "connected": self.connected}
+
+    @property
+    def cautious(self) -> bool:
+        """Taking one message at a time from some queue after an unexplained loss."""
+        return any(consumer.cautious for consumer in self._by_queue.values())
+
+    @property
+    def held_messages(self) -> int:
+        """Delivered messages not yet settled, from every queue."""
+        return sum(consumer.held_messages for consumer in self._by_queue.values())
+
+    def window(self, queue: str) -> int:
+        """The prefetch count asked of the broker for a queue."""
+        return self._by_queue[queue].window
+
+    def stalled_for(self) -> float:
+        """Seconds some queue's messages have been held without any of its being settled."""
+        return max(consumer.stalled_for() for consumer in self._by_queue.values())
+
+    async def wait_connected(self) -> None:
+        """Return once consuming every queue."""
+        for consumer in self._by_queue.values():
+            await consumer.wait_connected()
+
+    def fit_window(self, recent: Sequence[Delivery]) -> None:
+        """Fit each queue's prefetch count to the size of its recent messages."""
+        by_queue: dict[str, list[Delivery]] = {}
+        for message in recent:
+            by_queue.setdefault(message.queue, []).append(message)
+        for queue, messages in by_queue.items():
+            self._by_queue[queue].fit_window(messages)
+
+    async def run(self) -> None:
+        """Consume every queue, each reconnecting by itself, until `stop()`."""
+        await asyncio.gather(*(consumer.run() for consumer in self._by_queue.values()))
+
+    async def stop(self, within: float) -> None:
+        """Take no more deliveries from any queue (bounded)."""
+        await asyncio.gather(*(consumer.stop(within) for consumer in self._by_queue.values()))
+
+    async def close(self, within: float) -> None:
+        """Close every connection, after the last acks land (bounded)."""
+        await asyncio.gather(*(consumer.close(within) for consumer in self._by_queue.values()))
+
+    async def ack_through(self, messages: Iterable[Delivery]) -> None:
+        """Ack with one frame per channel (see Consumer.ack_through)."""
+        by_queue: dict[str, list[Delivery]] = {}
+        for message in messages:
+            by_queue.setdefault(message.queue, []).append(message)
+        for queue, delivered in by_queue.items():
+            await self._by_queue[queue].ack_through(delivered)
+
+    async def ack(self, message: Delivery) -> None:
+        """Ack one message."""
+        await self._by_queue[message.queue].ack(message)
+
+    async def reject(self, message: Delivery) -> None:
+        """Reject one message without requeueing: its queue's dead-letter exchange takes it."""
+        await self._by_queue[message.queue].reject(message)
 
 
 def _broker_closed_it(failure: BaseException | None) -> bool:

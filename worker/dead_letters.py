@@ -19,9 +19,9 @@ from shared.dead_letters import (
     TIME_HEADER,
     copy_with_headers,
 )
-from shared.topology import QUEUE, ROUTING_KEY
+from shared.topology import ROUTING_KEY
 from worker._metrics import DEAD_LETTER_FALLBACKS, DEAD_LETTERED
-from worker.consumer import Consumer, Delivery
+from worker.consumer import Consumers, Delivery
 from worker.decode import PoisonMessage
 from worker.store import FailedScore, ScoreStore
 
@@ -89,7 +89,7 @@ class DeadLetters:
     def __init__(
         self,
         exchange: AbstractExchange,
-        consumer: Consumer,
+        consumer: Consumers,
         publish_timeout_seconds: float,
         store: ScoreStore,
     ) -> None:
@@ -120,7 +120,7 @@ class DeadLetters:
                     REASON_HEADER: poison.reason.value,
                     DETAIL_HEADER: poison.detail,
                     TIME_HEADER: datetime.now(UTC).isoformat(),
-                    QUEUE_HEADER: QUEUE,
+                    QUEUE_HEADER: message.queue,
                 }
             )
             await self._exchange.publish(

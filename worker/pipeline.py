@@ -22,7 +22,7 @@ from worker._metrics import (
     SCORES_PERSISTED,
 )
 from worker.batches import Taken
-from worker.consumer import Consumer, Delivery
+from worker.consumer import Consumers, Delivery
 from worker.dead_letters import DeadLetters
 from worker.decode import PoisonMessage, ScoreRow, created_at_of
 from worker.store import ScoreStore, StorageRejected
@@ -50,7 +50,7 @@ class StorePipeline:
     def __init__(
         self,
         store: ScoreStore,
-        consumer: Consumer,
+        consumer: Consumers,
         dead_letters: DeadLetters,
         retry_max_seconds: float,
         tracing: Tracing | None = None,

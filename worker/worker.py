@@ -1,7 +1,9 @@
-"""The worker: consume scores.persist, store batches idempotently, ack after commit.
+"""The worker: consume scores.persist and its shards, store batches idempotently, ack after
+commit.
 
-Its parts, each in a module of its own: the consumer (consumer.py) hands deliveries to the
-inbox, which gives them out in decoded batches (batches.py); the pipeline stores each batch
+Its parts, each in a module of its own: the consumers (consumer.py, one per queue) hand
+deliveries to the inbox, which gives them out in decoded batches, the queues in turn
+(batches.py); the pipeline stores each batch
 and acks it in delivery order (pipeline.py), sending what can never be stored to dead
 letters (dead_letters.py); chores run beside it (chores.py). This module starts them,
 runs the loop that ties them together, and stops them.
@@ -18,12 +20,12 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from shared.broker import connect_until_ready, tls_context
 from shared.settings import Settings
-from shared.topology import QUEUE, declare_topology
+from shared.topology import declare_topology, persist_queues
 from shared.tracing import Tracing, start_tracing
 from worker._health import HealthServer
 from worker.batches import Inbox
 from worker.chores import poll_queue_depths_periodically, purge_expired_periodically
-from worker.consumer import Consumer
+from worker.consumer import Consumers
 from worker.dead_letters import DeadLetters
 from worker.pipeline import STORES_IN_FLIGHT, StorePipeline
 from worker.store import ScoreStore
@@ -34,7 +36,7 @@ _CLOSE_SECONDS = 2
 
 
 class ScoreWorker:
-    """One consumer of scores.persist with an explicit life cycle.
+    """One consumer of scores.persist and its shards with an explicit life cycle.
 
     `run()` connects, consumes and stores batches until `request_stop()`; then it cancels
     the consumer, stores and acks what it already holds, and closes. Messages are acked
@@ -44,8 +46,8 @@ class ScoreWorker:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._inbox = Inbox(settings, lambda: self._consumer.window)
-        self._consumer = Consumer(settings, QUEUE, self._inbox.put)
+        self._inbox = Inbox(settings, lambda queue: self._consumer.window(queue))
+        self._consumer = Consumers(settings, persist_queues(settings), self._inbox.put)
         self._stopping = False
         # Declares the topology, publishes dead letters and polls queue depths; consuming
         # has a connection of its own (worker/consumer.py).
@@ -163,11 +165,13 @@ class ScoreWorker:
         await self._consumer.wait_connected()
         self._chores = [
             asyncio.create_task(purge_expired_periodically(store, settings)),
-            asyncio.create_task(poll_queue_depths_periodically(polling_channel)),
+            asyncio.create_task(
+                poll_queue_depths_periodically(polling_channel, self._consumer.queues)
+            ),
         ]
         log.info(
             "worker consuming %s from broker node %s",
-            QUEUE,
+            ", ".join(self._consumer.queues),
             self._consumer.broker["node"],
             extra={"health_port": self._health.port},
         )

@@ -12,6 +12,13 @@ from tests.conftest import basic_auth
 
 
 @pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The session's settings, unsharded: these tests read what the api publishes in
+    scores.persist (tests/api/test_shard_routing.py reads the shards)."""
+    return settings.model_copy(update={"queue_shards": 0})
+
+
+@pytest.fixture
 async def persist_queue(settings: Settings) -> AsyncIterator[AbstractQueue]:
     """scores.persist, read directly: with no worker running, published scores wait here."""
     connection = await aio_pika.connect(settings.amqp_url)

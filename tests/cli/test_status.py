@@ -13,7 +13,7 @@ import httpx
 from shared.broker import broker_nodes, node_address
 from shared.contract import CONTENT_TYPE, MESSAGE_TYPE
 from shared.settings import Settings
-from shared.topology import DEAD_LETTER_QUEUE, QUEUE
+from shared.topology import DEAD_LETTER_QUEUE, QUEUE, persist_queues, shard_of, shard_queue
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
 from tests.support.processes import (
     WORKER_READY_LINE,
@@ -77,6 +77,8 @@ async def post_scores(base_url: str, key: str, count: int) -> None:
 async def test_status_of_a_running_stack_then_a_dead_letter_then_a_backlog_without_workers(
     settings: Settings, api_key: str, db: asyncpg.Connection
 ) -> None:
+    # Unsharded: the oldest unstored score's bound holds with one persist queue only.
+    settings = settings.model_copy(update={"queue_shards": 0})
     async with connect_broker(settings) as broker, api_process(settings) as api:
         await api.wait_until_ready()
         async with worker_process(settings) as worker:
@@ -148,6 +150,28 @@ async def test_status_of_a_running_stack_then_a_dead_letter_then_a_backlog_witho
     ]
 
 
+async def test_status_lists_every_shard_and_knows_no_age_bound_while_shards_hold_scores(
+    settings: Settings, api_key: str
+) -> None:
+    settings = settings.model_copy(update={"queue_shards": 3})
+    shard = shard_queue(shard_of(ENTITY, PROJECT, 3))
+    async with connect_broker(settings) as broker, api_process(settings) as api:
+        await api.wait_until_ready()
+        await post_scores(api.base_url, api_key, 2)
+        assert await broker.wait_for_ready_count(shard, 2) == 2
+        code, found = await status_json(settings, "--api", api.base_url)
+        # Nothing is left in the shard for a later test, which may run unsharded.
+        assert len(await broker.take(shard, 2)) == 2
+
+    assert code == 1
+    names = [q["queue"] for q in found["queues"]]
+    assert names == [QUEUE, *(shard_queue(i) for i in range(3)), DEAD_LETTER_QUEUE]
+    assert (queue(found, shard)["ready"], queue(found, shard)["consumers"]) == (2, 0)
+    assert found["oldest_unstored"]["age_seconds"] is None
+    assert found["oldest_unstored"]["basis"].startswith("unknown: 2 message(s) wait in 4 queues")
+    assert found["problems"] == [f"{shard} has 2 ready message(s) and no consumer"]
+
+
 async def wait_until_stored(db: asyncpg.Connection, count: int) -> None:
     """Wait until the scores table holds count rows."""
     loop = asyncio.get_running_loop()
@@ -168,7 +192,9 @@ async def test_status_with_the_broker_stopped_and_an_endpoint_down(settings: Set
     (node,) = found["broker_nodes"]
     assert (node["node"], node["reachable"]) == (down, False)
     assert found["database"]["reachable"] is True, "the database is looked at all the same"
-    assert [q["error"] for q in found["queues"]] == ["no broker node reachable"] * 2
+    queues = [*persist_queues(settings), DEAD_LETTER_QUEUE]
+    assert [q["queue"] for q in found["queues"]] == queues
+    assert [q["error"] for q in found["queues"]] == ["no broker node reachable"] * len(queues)
     assert found["oldest_unstored"]["age_seconds"] is None
     assert found["endpoints"][0]["error"] is not None
     assert found["problems"][0].startswith(f"broker node {down} unreachable: ")
@@ -192,7 +218,7 @@ async def test_status_reads_the_queues_through_a_node_that_answers(settings: Set
         (down, False),
         (real, True),
     ]
-    assert [q["ready"] for q in found["queues"]] == [0, 0]
+    assert [q["ready"] for q in found["queues"]] == [0] * (len(persist_queues(settings)) + 1)
     assert len(found["problems"]) == 1, found["problems"]
     assert found["problems"][0].startswith(f"broker node {down} unreachable")
 

@@ -32,7 +32,7 @@ from packaging.utils import canonicalize_name
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from shared.settings import Settings
-from shared.topology import API_EXCHANGE, EXCHANGE, QUEUE, declare_topology
+from shared.topology import API_EXCHANGE, EXCHANGE, QUEUE, declare_topology, persist_queues
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -591,11 +591,14 @@ async def test_the_topology_comparison_notices_a_drifted_queue_argument() -> Non
 def test_definitions_let_the_service_in_and_leave_queue_arguments_alone(case: str) -> None:
     definitions, settings = definitions_for(case)
     assert_broker_credentials(settings.amqp_url, definitions, "worker")
-    queues = {q["name"] for q in definitions["queues"]}
-    arguments = {key.removeprefix("x-") for q in definitions["queues"] for key in q["arguments"]}
+    # A queue argument wins over a policy's key (the shards declare their leader locator, which
+    # scores.persist cannot take without being deleted): a policy covers exactly the queues
+    # that leave every one of its keys to it.
     for policy in definitions["policies"]:
-        assert {name for name in queues if re.search(policy["pattern"], name)} == queues
-        assert not set(policy["definition"]) & arguments, policy
+        for queue in definitions["queues"]:
+            arguments = {key.removeprefix("x-") for key in queue["arguments"]}
+            applies = re.search(policy["pattern"], queue["name"]) is not None
+            assert applies == (not set(policy["definition"]) & arguments), (policy, queue)
 
 
 # Kubernetes
@@ -782,22 +785,25 @@ def test_the_hpa_scales_the_api_deployment_on_cpu() -> None:
     assert hpa["spec"]["maxReplicas"] > hpa["spec"]["minReplicas"]
 
 
-def test_keda_scales_the_worker_on_the_depth_of_the_persist_queue() -> None:
+def test_keda_scales_the_worker_on_the_depth_of_every_queue_it_consumes() -> None:
     scaled = find("ScaledObject", ROLES["worker"])
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["spec"]["scaleTargetRef"]["name"] == ROLES["worker"]
     assert (
         scaled["spec"]["minReplicaCount"] == find("Deployment", ROLES["worker"])["spec"]["replicas"]
     )
-    (trigger,) = scaled["spec"]["triggers"]
-    assert trigger["type"] == "rabbitmq"
-    assert trigger["metadata"]["queueName"] == QUEUE
-    assert trigger["metadata"]["mode"] == "QueueLength"
-    assert int(trigger["metadata"]["value"]) > 0
-    authentication = find("TriggerAuthentication", trigger["authenticationRef"]["name"])
-    (reference,) = authentication["spec"]["secretTargetRef"]
-    assert reference["parameter"] == "host"
-    assert reference["key"] in find("Secret", reference["name"])["stringData"]
+    triggers = scaled["spec"]["triggers"]
+    # scores.persist and every shard: a backlog in any of them adds workers.
+    assert [t["metadata"]["queueName"] for t in triggers] == persist_queues(kubernetes_settings())
+    assert len(triggers) > 1
+    for trigger in triggers:
+        assert trigger["type"] == "rabbitmq"
+        assert trigger["metadata"]["mode"] == "QueueLength"
+        assert int(trigger["metadata"]["value"]) > 0
+        authentication = find("TriggerAuthentication", trigger["authenticationRef"]["name"])
+        (reference,) = authentication["spec"]["secretTargetRef"]
+        assert reference["parameter"] == "host"
+        assert reference["key"] in find("Secret", reference["name"])["stringData"]
     assert reference == {"parameter": "host", "name": "score-ingest", "key": "AMQP_URL"}
 
 

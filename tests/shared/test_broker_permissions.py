@@ -33,6 +33,7 @@ from shared.topology import (
     QUEUE,
     ROUTING_KEY,
     declare_topology,
+    persist_queues,
 )
 from tests.cli.test_dlq import dlq_ok
 from tests.conftest import (
@@ -272,7 +273,8 @@ async def test_the_api_and_the_worker_do_their_work_as_their_own_users(
 def test_the_api_and_the_worker_may_configure_and_read_the_topology_and_nothing_else() -> None:
     """Their permissions name every exchange and queue the code declares: a name changed in
     shared/topology.py and not in the permissions fails here before it fails in production."""
-    names = {EXCHANGE, API_EXCHANGE, QUEUE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE}
+    queues = persist_queues(Settings())  # scores.persist and the default shards
+    names = {EXCHANGE, API_EXCHANGE, DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, *queues}
     for user in (API_USER, WORKER_USER):
         configure, _, read = readme_permissions()[user]
         for expression in (configure, read):

@@ -43,9 +43,10 @@ SINGLES = 5_000
 
 
 def fitting(settings: Settings, **changes: Any) -> Settings:
-    """Settings whose worker fits its prefetch window to 1 MiB, WORKER_PREFETCH 2000."""
+    """Settings whose worker fits its prefetch window to 1 MiB, WORKER_PREFETCH 2000, and
+    consumes scores.persist only: the gauge is then that queue's window."""
     return settings.model_copy(
-        update={"worker_prefetch_bytes": MIB, "worker_prefetch": 2000, **changes}
+        update={"worker_prefetch_bytes": MIB, "worker_prefetch": 2000, "queue_shards": 0, **changes}
     )
 
 
