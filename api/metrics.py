@@ -9,7 +9,7 @@ from prometheus_client import Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.limits import header
-from api.tracing import RequestSpan
+from api.tracing import UNTRACED_PATHS, RequestSpan
 from shared.logs import request_id
 from shared.tracing import Tracing
 
@@ -66,7 +66,11 @@ class RequestContextMiddleware:
         given = (header(scope, _REQUEST_ID_HEADER) or b"").decode("latin-1")
         current = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         token = request_id.set(current)
-        span = None if self.tracing is None else RequestSpan(self.tracing, scope, current)
+        span = (
+            None
+            if self.tracing is None or scope["path"] in UNTRACED_PATHS
+            else RequestSpan(self.tracing, scope, current)
+        )
         started = time.perf_counter()
         status = 500
         answered = False

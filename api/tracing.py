@@ -23,6 +23,8 @@ from shared import logs
 from shared.tracing import Tracing, current_traceparent, format_traceparent, parse_traceparent
 
 _TRACEPARENT: Final = b"traceparent"
+UNTRACED_PATHS: Final = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Probes and scrapes, every few seconds: spans of them would bury the requests'."""
 
 
 class RequestSpan:
@@ -56,8 +58,7 @@ class RequestSpan:
         span: Span = self._span
         if span.is_recording():
             span.update_name(f"{self._method} {route}")
-            span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", status)
+            span.set_attributes({"http.route": route, "http.response.status_code": status})
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
         span.end()

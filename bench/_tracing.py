@@ -1,6 +1,6 @@
 """The cost of tracing (BENCHMARKS.md "Tracing"): single POSTs against an api with tracing
-off and on, interleaved, and against the code of another checkout (the code before tracing,
-with `--tracing-baseline DIR`).
+off, on, and on with a tenth of traces sampled, interleaved, and against the code of another
+checkout (the code before tracing, with `--tracing-baseline DIR`).
 
 With tracing on the api exports to a local OTLP/HTTP sink that reads and discards what it is
 sent, so the cost measured is the api's own: spans made, encoded and posted by its exporter
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from bench import _load
-from bench._services import ENTITY, free_port, score_ingest_command
+from bench._services import ENTITY, BenchError, free_port, score_ingest_command
 
 if TYPE_CHECKING:
     from bench.run import _Run
@@ -81,7 +81,10 @@ async def tracing_cost(
     )
     await worker.wait_ready(f"http://127.0.0.1:{health}/readyz")
     async with _sink() as (sink, endpoint):
-        apis = {"off": {}, "on": {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}}
+        on = {"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint}
+        # wrk sends no traceparent: every request starts a trace, a tenth of them sampled.
+        tenth = {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+        apis: dict[str, dict[str, str]] = {"off": {}, "on": on, "tenth": {**on, **tenth}}
         baseline: Path | None = options.tracing_baseline
         if baseline is not None:
             # The other checkout first on the path: its packages, this virtualenv's libraries.
@@ -106,6 +109,11 @@ async def tracing_cost(
                 run.note_load(f"tracing-{name}-{number}")
                 watch = {"api": server.pid, "worker": worker.pid}
                 result = await run.wrk(base, path, single, options.connections, watch)
+                if result.non_2xx or result.socket_errors:
+                    raise BenchError(
+                        f"tracing {name}: {result.non_2xx} answers not 2xx,"
+                        f" {result.socket_errors} socket errors"
+                    )
                 rounds[name].append(result)
                 print(
                     f"bench: tracing {name}, round {number}: {result.requests_per_s:,.0f} req/s,"
@@ -118,20 +126,17 @@ async def tracing_cost(
         exported = {"posts": sink.posts, "bytes": sink.bytes}
     run.group.stop(worker)
     measured: dict[str, Any] = {name: _median_of(runs) for name, runs in rounds.items()}
-    off, on = measured["off"], measured["on"]
     measured["sink"] = exported
-    measured["on_vs_off"] = {
-        "requests_per_s": round(on["requests_per_s"] / off["requests_per_s"], 3),
+    for name, than in (("on", "off"), ("tenth", "off"), ("off", "before")):
+        if than in measured:
+            measured[f"{name}_vs_{than}"] = _ratios(measured[name], measured[than])
+    return measured
+
+
+def _ratios(one: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    return {
+        "requests_per_s": round(one["requests_per_s"] / other["requests_per_s"], 3),
         "api_cpu_per_request": round(
-            on["api_cpu_ms_per_request"] / off["api_cpu_ms_per_request"], 3
+            one["api_cpu_ms_per_request"] / other["api_cpu_ms_per_request"], 3
         ),
     }
-    if "before" in measured:
-        before = measured["before"]
-        measured["off_vs_before"] = {
-            "requests_per_s": round(off["requests_per_s"] / before["requests_per_s"], 3),
-            "api_cpu_per_request": round(
-                off["api_cpu_ms_per_request"] / before["api_cpu_ms_per_request"], 3
-            ),
-        }
-    return measured

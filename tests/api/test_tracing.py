@@ -246,16 +246,20 @@ async def test_without_an_endpoint_there_is_no_tracer_no_thread_and_no_header(
         assert _published_headers(message) == {}
 
 
-async def test_a_traced_app_exports_from_a_thread_and_stops_it(
+async def test_a_traced_app_exports_from_a_thread_stopped_with_it_and_skips_probes(
     traced: Settings, receiver: OtlpReceiver
 ) -> None:
     before = _otel_threads()
     async with running_app(traced) as app, client_for(app) as client:
-        assert (await client.get("/healthz")).status_code == 200
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert (await client.get(probe)).status_code == 200
+        assert (await client.post(URL, json=score_body())).status_code == 401
         assert _otel_threads() - before
     assert not any(thread.is_alive() for thread in _otel_threads() - before)
+    # Probes and scrapes are not traced.
     (span,) = receiver.received(_api)
-    assert span.name == "GET /healthz"
+    assert span.name == "POST /v2/{entity}/{project}/scores"
+    assert span.attributes["http.response.status_code"] == 401
 
 
 def test_log_records_of_a_traced_request_carry_its_trace_id(receiver: OtlpReceiver) -> None:
