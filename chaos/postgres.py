@@ -18,9 +18,8 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from chaos.servers import Servers
 from tests.support.tls import CertificateAuthority
 
 _BIN = Path("/usr/lib/postgresql/15/bin")
@@ -34,7 +33,7 @@ _LOG_TAIL_CHARS = 4000
 _SETTINGS_FILE = "harness.conf"
 
 
-class PostgresPair:
+class PostgresPair(Servers):
     """A primary and a streaming standby of the harness's own, on 127.0.0.1, own ports, own
     data dirs.
 
@@ -126,22 +125,6 @@ class PostgresPair:
             self._stop(node)
             shutil.rmtree(self._data_dir(node), ignore_errors=True)
         self._started = False
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def _tls_dir(self) -> Path:

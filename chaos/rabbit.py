@@ -29,13 +29,14 @@ import stat
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import psutil
 
+from chaos.servers import Servers
 from tests.support.rabbitmq_node import (
     RABBITMQ_SERVER,
     chown_tree,
@@ -91,7 +92,7 @@ class _Node:
         return f"rabbit@{self.ip}"
 
 
-class RabbitCluster:
+class RabbitCluster(Servers):
     """Three RabbitMQ nodes, each in its own network namespace, linked by veth pairs to a bridge
     in the root namespace (which holds the harness's address on that subnet, so processes in
     the root namespace reach every node)."""
@@ -105,22 +106,6 @@ class RabbitCluster:
         self._partitioned: set[int] = set()
         self._cookie = os.urandom(20).hex().upper()
         self._account = rabbitmq_account()
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> None:
         """Make the namespaces and links, boot the nodes and wait until they run clustered."""
@@ -374,21 +359,22 @@ class RabbitCluster:
                 return f"{node.name} is not running"
             if not port_open(node.ip, AMQP_PORT):
                 return f"{node.name} does not accept AMQP connections"
-            try:
-                status = self._cluster_status(i)
-            except ClusterError as error:
+        # Each answer is a CLI run of a second or more (an Erlang VM starting): all at once.
+        with ThreadPoolExecutor(self.size + len(queues)) as pool:
+            statuses = [pool.submit(self._cluster_status, i) for i in range(self.size)]
+            quorums = [pool.submit(self._quorum_status, queue, vhost) for queue in queues]
+        for node, asked in zip(self._nodes, statuses, strict=True):
+            if (error := asked.exception()) is not None:
                 return str(error)
+            status = asked.result()
             if (running := set(status.get("running_nodes", []))) != everyone:
                 return f"{node.name} sees running {sorted(running)}"
             if partitions := status.get("partitions"):
                 return f"{node.name} reports partitions {partitions}"
-        if not queues:
-            return None
-        for queue in queues:
-            try:
-                members = self._quorum_status(queue, vhost)
-            except ClusterError as error:
+        for queue, quorum in zip(queues, quorums, strict=True):
+            if (error := quorum.exception()) is not None:
                 return str(error)
+            members = quorum.result()
             online = {
                 member["Node Name"]
                 for member in members
