@@ -19,7 +19,8 @@ import asyncpg
 from bench._direct import DEFAULT_BATCH_SCORES, MessageKind, publish_direct
 from bench._services import BenchError, ServerProcess
 from bench._system import CpuWindow, cpu_seconds, peak_rss_kib, rss_kib
-from shared.topology import QUEUE
+from shared.settings import Settings
+from shared.topology import persist_queues
 
 _POLL_SECONDS = 0.25
 _PERSISTED_METRIC = "score_ingest_scores_persisted_total "
@@ -48,22 +49,29 @@ class PublishResult:
 
 
 async def queue_depth(amqp_url: str) -> int:
-    """Ready messages in scores.persist (those a consumer holds unacknowledged not counted)."""
+    """Ready messages in scores.persist and its shards, where the api's go (those a consumer
+    holds unacknowledged not counted)."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        declared = await channel.declare_queue(QUEUE, passive=True)
-        return declared.declaration_result.message_count or 0
+        depth = 0
+        for name in persist_queues(Settings()):
+            declared = await channel.declare_queue(name, passive=True)
+            depth += declared.declaration_result.message_count or 0
+        return depth
 
 
 async def purge_queue(amqp_url: str) -> int:
-    """Empty scores.persist (no consumer may be running); returns how many it held."""
+    """Empty scores.persist and its shards (no consumer may be running); returns how many
+    they held."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        queue = await channel.declare_queue(QUEUE, passive=True)
-        purged = await queue.purge()
-        return purged.message_count or 0
+        purged = 0
+        for name in persist_queues(Settings()):
+            queue = await channel.declare_queue(name, passive=True)
+            purged += (await queue.purge()).message_count or 0
+        return purged
 
 
 async def publish_backlog(

@@ -49,7 +49,7 @@ import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
 import api
-from bench import _backlog, _load, _profile
+from bench import _backlog, _fairness, _load, _profile
 from bench._direct import MessageKind, messages_for
 from bench._plot import plot
 from bench._services import (
@@ -112,6 +112,9 @@ def _options(argv: list[str] | None = None) -> argparse.Namespace:
     add("--tracing-rounds", type=int, default=1, help="interleaved rounds of tracing off/on")
     add("--tracing-baseline", type=Path, help="a checkout of the code to compare tracing off to")
     add("--only-tracing", action="store_true", help="run the tracing phase alone")
+    add("--fairness-backlog", type=int, default=500_000, help="tenant A's backlog, in scores")
+    add("--skip-fairness", action="store_true", help="leave the fairness phase out")
+    add("--only-fairness", action="store_true", help="run the fairness phase alone")
     add("--output", type=Path, default=BENCH_DIR / "results.json")
     add("--plot", type=Path, default=BENCH_DIR / "throughput_latency.png")
     add("--profile-dir", type=Path, default=BENCH_DIR.parent / ".bench" / "profile")
@@ -864,6 +867,9 @@ async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[st
                     if options.only_tracing:
                         results["tracing"] = await _tracing(run, single)
                         return results
+                    if options.only_fairness:
+                        results["fairness"] = await _fairness_phase(run)
+                        return results
                     comparisons = {
                         name: await _start_comparison(run, name) for name in ("bare", "naive")
                     }
@@ -876,6 +882,8 @@ async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[st
                         "rows": naive_rows,
                     }
                     await _backlogs(run)
+                    if not options.skip_fairness:
+                        results["fairness"] = await _fairness_phase(run)
                     if options.tracing_rounds > 0:
                         results["tracing"] = await _tracing(run, single)
                 except BaseException:
@@ -886,6 +894,19 @@ async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[st
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     results["meta"]["load_at_end"] = [round(v, 2) for v in load_average()]
     return results
+
+
+async def _fairness_phase(run: _Run) -> dict[str, Any]:
+    run.note_load("fairness")
+    measured = await _fairness.measure_fairness(
+        run.server, run.env, run.authorization, run.options.fairness_backlog, SINGLE_BODY, _say
+    )
+    return measured.to_json()
+
+
+def _fairness_verdicts(results: dict[str, Any]) -> list[Verdict]:
+    batch = results.get("http", {}).get("batch", {}).get("scores_per_s")
+    return [Verdict(*found) for found in _fairness.targets(results["fairness"], batch)]
 
 
 async def _tracing(run: _Run, single: Path) -> dict[str, Any]:
@@ -916,7 +937,16 @@ def main(argv: list[str] | None = None) -> int:
         (BENCH_DIR / "tracing.json").write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(results["tracing"], indent=2))
         return 0
+    if options.only_fairness:
+        (BENCH_DIR / "fairness.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(json.dumps(results["fairness"], indent=2))
+        verdicts = _fairness_verdicts(results)
+        for verdict in verdicts:
+            print("  " + verdict.line())
+        return 0 if all(verdict.passed for verdict in verdicts) else 1
     targets, checks = _verdicts(results)
+    if "fairness" in results:
+        targets += _fairness_verdicts(results)
     results["targets"] = [vars(v) for v in targets]
     results["checks"] = [vars(v) for v in checks]
     options.output.write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,300 @@
+"""Fairness (issue 17): one tenant's backlog must not delay another tenant's scores.
+
+Tenant A posts a backlog (500k scores by default) in batch POSTs of 500, four at a time, as
+fast as the api takes them; tenant B posts single scores at a steady 50/s, on a project
+that lands on another shard than A's (the first `fair-b-<i>` whose shard differs). One api
+and one worker, as in the rest of the bench. B's accept-to-stored latency is read from its
+rows, `persisted_at - created_at` (the api's time of acceptance to the start of the storing
+transaction), first with B alone for QUIET_SECONDS, then while A posts and until A's whole
+backlog is stored. A's throughput is its accepted scores per second, beside B, compared by
+run.py with the run's batch figure (the same batch POSTs without B, measured by wrk).
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from bench._backlog import post_backlog
+from bench._services import (
+    ENTITY,
+    BenchEnvironment,
+    BenchError,
+    ServerProcess,
+    free_port,
+    score_ingest_command,
+)
+from shared.settings import Settings
+from shared.topology import shard_of
+
+A_PROJECT = "fair-a"
+BATCH_SCORES = 500
+B_RATE_PER_S = 50.0
+QUIET_SECONDS = 10.0
+B_P99_TARGET_S = 1.0
+A_SHARE_TARGET = 0.9
+_DRAIN_TIMEOUT_S = 900.0
+_LATENCIES = """
+SELECT extract(epoch FROM persisted_at - created_at)::float8 AS seconds
+FROM scores WHERE entity = $1 AND project = $2 AND prediction_id = $3 ORDER BY 1
+"""
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """B's accept-to-stored seconds over one phase, from its rows."""
+
+    sent: int
+    answered_200: int
+    stored: int
+    p50_s: float
+    p99_s: float
+    max_s: float
+    # The client's: from each request's scheduled time to its 200 (the api's share).
+    answered_p50_s: float
+    answered_p99_s: float
+
+
+@dataclass(frozen=True)
+class FairnessResult:
+    """What the fairness phase measured."""
+
+    shards: int
+    a_project: str
+    a_shard: int
+    b_project: str
+    b_shard: int
+    backlog: int
+    b_rate_per_s: float
+    b_alone: Latencies
+    b_beside_a: Latencies
+    a_alone_per_s: float
+    a_accepted_per_s: float
+    a_post_seconds: float
+    a_stored_seconds: float
+    a_stored_per_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored in results.json."""
+        return asdict(self)
+
+
+def b_project(shards: int) -> str:
+    """Tenant B's project: the first `fair-b-<i>` on another shard than A's."""
+    a_shard = shard_of(ENTITY, A_PROJECT, shards)
+    i = 0
+    while shard_of(ENTITY, f"fair-b-{i}", shards) == a_shard:
+        i += 1
+    return f"fair-b-{i}"
+
+
+def _quantile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@dataclass
+class _Sent:
+    """What the paced client saw."""
+
+    sent: int = 0
+    ok: int = 0
+    seconds: list[float] = field(default_factory=list)
+
+
+async def _paced_singles(url: str, authorization: str, body: bytes, stop: asyncio.Event) -> _Sent:
+    """POST body at B_RATE_PER_S until stop is set, open loop (each request at its time)."""
+    headers = {"Authorization": authorization, "Content-Type": "application/json"}
+    seen = _Sent()
+    pending: set[asyncio.Task[None]] = set()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def post(scheduled: float) -> None:
+            async with session.post(url, data=body, headers=headers) as res:
+                if res.status == 200:
+                    seen.ok += 1
+                    seen.seconds.append(time.monotonic() - scheduled)
+
+        started = time.monotonic()
+        while not stop.is_set():
+            scheduled = started + seen.sent / B_RATE_PER_S
+            delay = scheduled - time.monotonic()
+            if delay > 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                    break
+                except TimeoutError:
+                    pass
+            task = asyncio.create_task(post(scheduled))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            seen.sent += 1
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+    return seen
+
+
+async def _b_latencies(database_url: str, project: str, label: str, sent: _Sent) -> Latencies:
+    conn = await asyncpg.connect(database_url)
+    try:
+        seconds = [row["seconds"] for row in await conn.fetch(_LATENCIES, ENTITY, project, label)]
+    finally:
+        await conn.close()
+    answered = sorted(sent.seconds)
+    return Latencies(
+        sent=sent.sent,
+        answered_200=sent.ok,
+        stored=len(seconds),
+        p50_s=round(_quantile(seconds, 0.50), 3),
+        p99_s=round(_quantile(seconds, 0.99), 3),
+        max_s=round(seconds[-1], 3) if seconds else float("nan"),
+        answered_p50_s=round(_quantile(answered, 0.50), 3),
+        answered_p99_s=round(_quantile(answered, 0.99), 3),
+    )
+
+
+async def _count(database_url: str, project: str) -> int:
+    conn = await asyncpg.connect(database_url)
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM scores WHERE entity = $1 AND project = $2", ENTITY, project
+        )
+    finally:
+        await conn.close()
+    return count
+
+
+async def _wait_for_rows(database_url: str, project: str, count: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (stored := await _count(database_url, project)) < count:
+        if time.monotonic() > deadline:
+            raise BenchError(f"{stored:,} of {count:,} scores of {project} stored in {timeout_s}s")
+        await asyncio.sleep(0.25)
+
+
+async def measure_fairness(
+    start: Callable[..., ServerProcess],
+    env: BenchEnvironment,
+    authorization: str,
+    backlog: int,
+    body: dict[str, Any],
+    say: Callable[[str], None],
+) -> FairnessResult:
+    """Run the phase: an api and a worker of its own (`start(name, argv, **env)`), B alone,
+    then A's backlog beside B until it is stored."""
+    shards = Settings().queue_shards
+    if shards < 2:
+        raise BenchError(f"the fairness phase needs QUEUE_SHARDS of 2 or more, not {shards}")
+    b = b_project(shards)
+    port, health = free_port(), free_port()
+    ports = {"API_PORT": str(port), "WORKER_HEALTH_PORT": str(health)}
+    api = start("api-fairness", [*score_ingest_command(), "api"], **ports)
+    worker = start("worker-fairness", [*score_ingest_command(), "worker"], **ports)
+    base = f"http://127.0.0.1:{port}"
+    await api.wait_ready(base + "/readyz")
+    await worker.wait_ready(f"http://127.0.0.1:{health}/readyz")
+    b_url = f"{base}/v2/{ENTITY}/{b}/scores"
+
+    async def b_phase(label: str, until: asyncio.Event) -> _Sent:
+        single = json.dumps({**body, "prediction_id": label}).encode()
+        return await _paced_singles(b_url, authorization, single, until)
+
+    say(f"fairness: B ({b}, shard {shard_of(ENTITY, b, shards)}) alone, {B_RATE_PER_S:g}/s")
+    quiet = asyncio.Event()
+    quiet_task = asyncio.create_task(b_phase("quiet", quiet))
+    await asyncio.sleep(QUIET_SECONDS)
+    quiet.set()
+    alone_sent = await quiet_task
+    await _wait_for_rows(env.database_url, b, alone_sent.ok, 60)
+    b_alone = await _b_latencies(env.database_url, b, "quiet", alone_sent)
+    say(
+        f"fairness: B alone p50 {b_alone.p50_s} s, p99 {b_alone.p99_s} s "
+        f"(answered p99 {b_alone.answered_p99_s} s)"
+    )
+
+    # A alone first, a tenth of its backlog: the same client's rate without B beside it.
+    alone_requests = max(1, backlog // BATCH_SCORES // 10)
+    a_body = json.dumps({"scores": [body] * BATCH_SCORES}).encode()
+    a_url = f"{base}/v2/{ENTITY}/{A_PROJECT}/scores/batch"
+    alone = await post_backlog(a_url, authorization, a_body, BATCH_SCORES, alone_requests)
+    await _wait_for_rows(env.database_url, A_PROJECT, alone.scores, _DRAIN_TIMEOUT_S)
+    say(f"fairness: A alone accepted {alone.per_s:,.0f} scores/s")
+
+    requests = backlog // BATCH_SCORES
+    say(
+        f"fairness: A ({A_PROJECT}, shard {shard_of(ENTITY, A_PROJECT, shards)}) posts "
+        f"{requests * BATCH_SCORES:,} scores in batches of {BATCH_SCORES} beside B"
+    )
+    burst = asyncio.Event()
+    burst_task = asyncio.create_task(b_phase("burst", burst))
+    started = time.monotonic()
+    posted = await post_backlog(a_url, authorization, a_body, BATCH_SCORES, requests)
+    a_total = alone.scores + posted.scores
+    await _wait_for_rows(env.database_url, A_PROJECT, a_total, _DRAIN_TIMEOUT_S)
+    a_stored_seconds = time.monotonic() - started
+    burst.set()
+    burst_sent = await burst_task
+    await _wait_for_rows(env.database_url, b, alone_sent.ok + burst_sent.ok, 60)
+    b_beside_a = await _b_latencies(env.database_url, b, "burst", burst_sent)
+    say(
+        f"fairness: A accepted {posted.per_s:,.0f} scores/s, all stored in "
+        f"{a_stored_seconds:.1f} s; B beside it p50 {b_beside_a.p50_s} s, p99 {b_beside_a.p99_s} s "
+        f"(answered p99 {b_beside_a.answered_p99_s} s)"
+    )
+    worker.stop()
+    api.stop()
+    return FairnessResult(
+        shards=shards,
+        a_project=A_PROJECT,
+        a_shard=shard_of(ENTITY, A_PROJECT, shards),
+        b_project=b,
+        b_shard=shard_of(ENTITY, b, shards),
+        backlog=posted.scores,
+        b_rate_per_s=B_RATE_PER_S,
+        b_alone=b_alone,
+        b_beside_a=b_beside_a,
+        a_alone_per_s=alone.per_s,
+        a_accepted_per_s=posted.per_s,
+        a_post_seconds=posted.seconds,
+        a_stored_seconds=round(a_stored_seconds, 1),
+        a_stored_per_s=round(posted.scores / a_stored_seconds, 1),
+    )
+
+
+def targets(
+    fairness: dict[str, Any], batch_scores_per_s: float | None
+) -> list[tuple[str, str, str, bool]]:
+    """(name, measured, required, passed) of the phase's targets. A is compared with the
+    run's batch figure (wrk's batch POSTs) when the run measured one, else (the phase run
+    alone) with A posting alone, before B started."""
+    beside = fairness["b_beside_a"]
+    found = [
+        (
+            "fairness: B's accept-to-stored p99 while A's backlog drains",
+            f"{beside['p99_s']:.3f} s (alone {fairness['b_alone']['p99_s']:.3f} s; "
+            f"{beside['stored']} of {beside['answered_200']} stored)",
+            f"< {B_P99_TARGET_S:g} s",
+            beside["p99_s"] < B_P99_TARGET_S and beside["stored"] == beside["answered_200"] > 0,
+        )
+    ]
+    baseline, against = (
+        (batch_scores_per_s, "the run's batch scores/s")
+        if batch_scores_per_s
+        else (fairness["a_alone_per_s"], "A alone's")
+    )
+    share = fairness["a_accepted_per_s"] / baseline if baseline > 0 else 0.0
+    found.append(
+        (
+            f"fairness: A's accepted scores/s beside B vs {against}",
+            f"{share:.2f}x ({fairness['a_accepted_per_s']:,.0f} vs {baseline:,.0f})",
+            f">= {A_SHARE_TARGET:g}x",
+            share >= A_SHARE_TARGET,
+        )
+    )
+    return found
