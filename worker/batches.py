@@ -65,11 +65,14 @@ class Inbox:
         deadline = loop.time() + self._settings.worker_flush_interval_seconds
         batch: list[Taken] = []
         taken: dict[str, int] = {}
+        # The queues that may give a message now, in turn: one message each, then around.
+        turn: deque[str] = deque()
+        self._join(turn, taken)
+        turn.rotate(-self._turn)
         scores = 0
         next_yield = _YIELD_EVERY_SCORES
         while scores < self._settings.worker_batch_size:
-            message = self._take_next(taken)
-            if message is None:
+            if not turn:
                 # Nothing more that may be taken now: wait for more within the interval,
                 # unless every queue with messages waiting has given all it may.
                 remaining = deadline - loop.time()
@@ -80,32 +83,41 @@ class Inbox:
                     await asyncio.wait_for(self._arrived.wait(), remaining)
                 except TimeoutError:
                     break
+                self._join(turn, taken)
                 continue
+            queue = turn[0]
+            waiting = self._waiting[queue]
+            message = waiting.popleft()
+            self._count -= 1
+            taken[queue] += 1
+            if not waiting or taken[queue] >= self._share(queue):
+                turn.popleft()
+            else:
+                turn.rotate(-1)
             batch.append(self._decode(message))
             scores += _count(batch[-1])
             if scores >= next_yield:
                 # Decoding is CPU work that holds the event loop; let the batch being stored
-                # take its next round trip to PostgreSQL in between.
+                # take its next round trip to PostgreSQL in between (and deliveries arrive:
+                # a queue that had none joins the turn).
                 next_yield = scores + _YIELD_EVERY_SCORES
                 await asyncio.sleep(0)
+                self._join(turn, taken)
         self._turn += 1
         return batch
 
-    def _take_next(self, taken: dict[str, int]) -> Delivery | None:
-        """The next message in turn from a queue that has not given its share to this
-        batch: at most a quarter of its prefetch window, so that the broker keeps sending
-        while a batch is stored (one message while isolating a culprit)."""
-        queues = [queue for queue, waiting in self._waiting.items() if waiting]
-        if not queues:
-            return None
-        done = sum(taken.values())
-        for offset in range(len(queues)):
-            queue = queues[(self._turn + done + offset) % len(queues)]
-            if taken.get(queue, 0) < max(1, self._window(queue) // 4):
-                taken[queue] = taken.get(queue, 0) + 1
-                self._count -= 1
-                return self._waiting[queue].popleft()
-        return None
+    def _share(self, queue: str) -> int:
+        """The most messages a batch takes from a queue: a quarter of its prefetch window,
+        so that the broker keeps sending while a batch is stored (one message while
+        isolating a culprit)."""
+        return max(1, self._window(queue) // 4)
+
+    def _join(self, turn: deque[str], taken: dict[str, int]) -> None:
+        """Add to the turn each queue with messages waiting that is not in it and has not
+        given its share to this batch."""
+        for queue, waiting in self._waiting.items():
+            if waiting and queue not in turn and taken.setdefault(queue, 0) < self._share(queue):
+                turn.append(queue)
 
     def drain(self) -> list[Taken]:
         """Everything still waiting, decoded, as one batch (on the way out)."""

@@ -104,6 +104,7 @@ class _Shared:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.held_bytes = 0
+        self.held_messages = 0
         self.room = asyncio.Event()
         self.consumers: list[Consumer] = []
 
@@ -113,10 +114,13 @@ class _Shared:
         current = {consumer._subscription for consumer in self.consumers} | {subscription}
         return self.held_bytes + sum(each.reserved for each in current if each is not None)
 
-    def show(self) -> None:
-        """Update the gauges: held bytes and messages, prefetch windows, caution."""
+    def show_held(self) -> None:
+        """Update the gauges of held bytes and messages (at every delivery and settle)."""
         HELD_BYTES.set(self.held_bytes)
-        HELD_MESSAGES.set(sum(consumer.held_messages for consumer in self.consumers))
+        HELD_MESSAGES.set(self.held_messages)
+
+    def show_windows(self) -> None:
+        """Update the gauges of the prefetch windows and caution (when they change)."""
         PREFETCH.set(sum(consumer._prefetch for consumer in self.consumers))
         CAUTIOUS.set(int(any(consumer.cautious for consumer in self.consumers)))
 
@@ -212,7 +216,8 @@ class Consumer:
         self._cautious_remaining = 0
         # The gauges are the process's: a consumer before this one (tests run several in one
         # process) may have left them set.
-        shared.show()
+        shared.show_held()
+        shared.show_windows()
         # Since when the worker holds messages without settling any (None: it holds none).
         self._waiting_since: float | None = None
         self._last_delivery = time.monotonic()
@@ -377,12 +382,13 @@ class Consumer:
         if not sizes:
             return
         self._shared.held_bytes -= sum(sizes)
+        self._shared.held_messages -= len(sizes)
         if subscription.channel.is_closed and not subscription.unsettled:
             self._subscriptions.discard(subscription)
         held = self.held_messages
         self._waiting_since = time.monotonic() if held else None
         self._shared.room.set()
-        self._shared.show()
+        self._shared.show_held()
         if self._cautious_remaining and subscription is self._subscription:
             self._cautious_remaining = max(0, self._cautious_remaining - len(sizes))
             if not self._cautious_remaining:
@@ -390,7 +396,7 @@ class Consumer:
 
     def _end_caution(self, why: str) -> None:
         self._cautious_remaining = 0
-        self._shared.show()
+        self._shared.show_windows()
         log.info("consuming %s with the full window again: %s", self._queue, why)
         self._changed.set()
 
@@ -454,7 +460,7 @@ class Consumer:
         for tag in replaced:
             await channel.basic_cancel(tag)
         subscription.window = self._prefetch = window
-        self._shared.show()
+        self._shared.show_windows()
 
     async def _serve(self, subscription: _Subscription) -> None:
         """Apply window changes until the channel closes (raising why) or stop()."""
@@ -515,7 +521,7 @@ class Consumer:
             return
         # The broker may have sent up to a window of messages; any of them may be the cause.
         self._cautious_remaining = max(self._cautious_remaining, subscription.window)
-        self._shared.show()
+        self._shared.show_windows()
         log.warning(
             "lost the consuming connection (%r) with %d messages unsettled; taking one at a "
             "time until the %d it may have held have passed",
@@ -563,9 +569,10 @@ class Consumer:
         subscription.unsettled[tag] = message._size
         subscription.reserved -= message._size
         self._shared.held_bytes += message._size
+        self._shared.held_messages += 1
         if self._waiting_since is None:
             self._waiting_since = time.monotonic()
-        self._shared.show()
+        self._shared.show_held()
         if message.redelivered:
             REDELIVERED.inc()
         elif self._cautious_remaining:
