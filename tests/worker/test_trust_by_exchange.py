@@ -179,8 +179,10 @@ def decoded_since(before: Checks) -> Checks:
 
 @contextlib.asynccontextmanager
 async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A client on the real api app, once its publisher is connected."""
-    async with running_app(settings) as app, client_for(app) as client:
+    """A client on the real api app, once its publisher is connected; unsharded, so that
+    what it publishes waits in scores.persist, where these tests read it."""
+    unsharded = settings.model_copy(update={"queue_shards": 0})
+    async with running_app(unsharded) as app, client_for(app) as client:
         yield client
 
 
