@@ -34,7 +34,7 @@ from shared.dead_letters import (
     DeadLetterReason,
 )
 from shared.settings import Settings
-from shared.topology import DEAD_LETTER_QUEUE, QUEUE
+from shared.topology import DEAD_LETTER_QUEUE, QUEUE, persist_queues
 from tests.support.load import (
     CLIENTS,
     DRAIN_SECONDS,
@@ -134,8 +134,9 @@ async def stop_cleanly(worker: CliProcess) -> None:
 
 
 async def assert_queues_empty(broker: Broker) -> None:
-    """Nothing left for redelivery and nothing dead-lettered."""
-    await broker.assert_stays_empty(QUEUE)
+    """Nothing left for redelivery (in scores.persist or a shard) and nothing dead-lettered."""
+    for name in persist_queues(Settings()):
+        await broker.assert_stays_empty(name)
     assert await broker.ready_count(DEAD_LETTER_QUEUE) == 0
 
 
