@@ -5,6 +5,7 @@ broker), behind the api's RequestContextMiddleware in every case:
 
 - `off`: tracing off (no tracer provider), as the api runs without an endpoint;
 - `ours`: api/tracing.py's span per request (RequestContextMiddleware with a Tracing);
+- `ours-10%`: the same, for requests without a traceparent, a tenth of them sampled;
 - `asgi`: opentelemetry-instrumentation-asgi's OpenTelemetryMiddleware (if importable);
 - `fastapi`: FastAPI's native telemetry, tracing only.
 
@@ -27,6 +28,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.sampling import Sampler, TraceIdRatioBased
 from starlette.types import ASGIApp, Message
 
 from api.app import NO_OPENTELEMETRY
@@ -34,6 +36,7 @@ from api.metrics import RequestContextMiddleware
 from shared.tracing import Tracing
 
 TRACEPARENT = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+NEW_TRACES = {"ours-10%"}
 
 
 class _EncodingSink(SpanExporter):
@@ -49,20 +52,24 @@ class _EncodingSink(SpanExporter):
 
 
 _SINKS: dict[str, _EncodingSink] = {}
+_PROVIDERS: dict[str, TracerProvider] = {}
 
 
-def _provider(name: str) -> TracerProvider:
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "bench"}))
+def _provider(name: str, sampler: Sampler | None = None) -> TracerProvider:
+    """A provider like the api's, whose queue holds a whole round: a span dropped when the
+    queue is full would not be encoded, and its cost not counted."""
+    resource = Resource.create({SERVICE_NAME: name})
+    provider = _PROVIDERS[name] = TracerProvider(resource=resource, sampler=sampler)
     sink = _SINKS[name] = _EncodingSink()
-    provider.add_span_processor(BatchSpanProcessor(sink))
+    provider.add_span_processor(BatchSpanProcessor(sink, max_queue_size=1_000_000))
     return provider
 
 
 class _OursTracing(Tracing):
     """Tracing as the api builds it, with the encoding sink instead of the HTTP exporter."""
 
-    def __init__(self) -> None:
-        self._provider = _provider("ours")
+    def __init__(self, name: str, sampler: Sampler | None = None) -> None:
+        self._provider = _provider(name, sampler)
         self.tracer = self._provider.get_tracer("score-ingest")
 
 
@@ -79,8 +86,11 @@ def _app(telemetry: Any = NO_OPENTELEMETRY) -> FastAPI:
 def _variants() -> dict[str, tuple[ASGIApp, Callable[[], None]]]:
     variants: dict[str, tuple[ASGIApp, Callable[[], None]]] = {}
     variants["off"] = (RequestContextMiddleware(_app()), lambda: None)
-    ours = _OursTracing()
+    ours = _OursTracing("ours")
     variants["ours"] = (RequestContextMiddleware(_app(), tracing=ours), ours.close)
+    # A tenth of new traces: its requests come without a traceparent (NEW_TRACES).
+    tenth = _OursTracing("ours-10%", TraceIdRatioBased(0.1))
+    variants["ours-10%"] = (RequestContextMiddleware(_app(), tracing=tenth), tenth.close)
     try:
         # Not a dependency: `pip install opentelemetry-instrumentation-asgi` to compare.
         asgi = importlib.import_module("opentelemetry.instrumentation.asgi")
@@ -96,7 +106,7 @@ def _variants() -> dict[str, tuple[ASGIApp, Callable[[], None]]]:
     return variants
 
 
-async def _requests(app: ASGIApp, count: int) -> None:
+async def _requests(app: ASGIApp, count: int, traceparent: bool = True) -> None:
     body = b'{"value": 1}'
     scope = {
         "type": "http",
@@ -112,7 +122,7 @@ async def _requests(app: ASGIApp, count: int) -> None:
             (b"host", b"bench"),
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
-            (b"traceparent", TRACEPARENT),
+            *([(b"traceparent", TRACEPARENT)] if traceparent else []),
         ],
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8000),
@@ -137,13 +147,14 @@ def main(argv: list[str] | None = None) -> None:
     variants = _variants()
     loop = asyncio.new_event_loop()
     cpu: dict[str, list[float]] = {name: [] for name in variants}
-    for app, _ in variants.values():
-        loop.run_until_complete(_requests(app, 500))  # warm-up
+    for name, (app, _) in variants.items():
+        loop.run_until_complete(_requests(app, 500, name not in NEW_TRACES))  # warm-up
     for _ in range(options.rounds):
         for name, (app, _) in variants.items():
             started = time.process_time()
-            loop.run_until_complete(_requests(app, options.requests))
-            time.sleep(0.2)  # the exporter thread's share of this round, inside the window
+            loop.run_until_complete(_requests(app, options.requests, name not in NEW_TRACES))
+            if name in _PROVIDERS:  # the exporter thread's share of this round, inside it
+                _PROVIDERS[name].force_flush()
             cpu[name].append(1e6 * (time.process_time() - started) / options.requests)
     for _, stop in variants.values():
         stop()
