@@ -1,13 +1,18 @@
 """Fairness (issue 17): one tenant's backlog must not delay another tenant's scores.
 
-Tenant A posts a backlog (500k scores by default) in batch POSTs of 500, four at a time, as
-fast as the api takes them; tenant B posts single scores at a steady 50/s, on a project
-that lands on another shard than A's (the first `fair-b-<i>` whose shard differs). One api
-and one worker, as in the rest of the bench. B's accept-to-stored latency is read from its
-rows, `persisted_at - created_at` (the api's time of acceptance to the start of the storing
-transaction), first with B alone for QUIET_SECONDS, then while A posts and until A's whole
-backlog is stored. A's throughput is its accepted scores per second, beside B, compared by
-run.py with the run's batch figure (the same batch POSTs without B, measured by wrk).
+Tenant A posts a backlog (500k scores by default) in batch POSTs of 500 with wrk, four
+connections as in the bench's batch load, as fast as the api takes them, for as long as
+that backlog takes (at the rate of a 3 s probe); tenant B posts single
+scores at a steady 50/s, on a project that lands on another shard than A's (the first
+`fair-b-<i>` whose shard differs). One api and one worker, as in the rest of the bench.
+B's accept-to-stored latency is read from its rows, `persisted_at - created_at` (the api's
+time of acceptance to the start of the storing transaction), first with B alone for
+QUIET_SECONDS, then while A posts and until A's whole backlog is stored. A's throughput is
+its accepted scores per second beside B, compared by run.py with the run's batch figure
+(the same wrk batch POSTs without B), or with `--only-fairness` with A posting alone for
+as long, its backlog drained before B starts: a short run is faster (the queue takes the
+burst while the worker has not yet caught up to compete for the cores), so the baseline
+lasts as long as the run it is compared with.
 """
 
 import asyncio
@@ -15,12 +20,13 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 
-from bench._backlog import post_backlog
+from bench._load import WrkResult, run_wrk
 from bench._services import (
     ENTITY,
     BenchEnvironment,
@@ -34,6 +40,9 @@ from shared.topology import shard_of
 
 A_PROJECT = "fair-a"
 BATCH_SCORES = 500
+A_CONNECTIONS = 4  # as the bench's batch load (--batch-connections)
+A_THREADS = 2
+A_PROBE_SECONDS = 3
 B_RATE_PER_S = 50.0
 QUIET_SECONDS = 10.0
 B_P99_TARGET_S = 1.0
@@ -70,12 +79,14 @@ class FairnessResult:
     b_project: str
     b_shard: int
     backlog: int
+    a_wrk_seconds: int
     b_rate_per_s: float
     b_alone: Latencies
     b_beside_a: Latencies
+    a_probe_per_s: float
     a_alone_per_s: float
     a_accepted_per_s: float
-    a_post_seconds: float
+    a_latency_p99_ms: float
     a_stored_seconds: float
     a_stored_per_s: float
 
@@ -116,10 +127,13 @@ async def _paced_singles(url: str, authorization: str, body: bytes, stop: asynci
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
 
         async def post(scheduled: float) -> None:
-            async with session.post(url, data=body, headers=headers) as res:
-                if res.status == 200:
-                    seen.ok += 1
-                    seen.seconds.append(time.monotonic() - scheduled)
+            try:
+                async with session.post(url, data=body, headers=headers) as res:
+                    if res.status == 200:
+                        seen.ok += 1
+                        seen.seconds.append(time.monotonic() - scheduled)
+            except (aiohttp.ClientError, TimeoutError):
+                pass  # not answered 200: counted as sent only
 
         started = time.monotonic()
         while not stop.is_set():
@@ -178,6 +192,26 @@ async def _wait_for_rows(database_url: str, project: str, count: int, timeout_s:
         await asyncio.sleep(0.25)
 
 
+async def _wrk_batches(
+    base: str, authorization: str, body_file: Path, seconds: float, watch: dict[str, int]
+) -> WrkResult:
+    """A's batch POSTs for `seconds` with wrk; every answer must be 200."""
+    result = await run_wrk(
+        base,
+        path=f"/v2/{ENTITY}/{A_PROJECT}/scores/batch",
+        authorization=authorization,
+        body_file=body_file,
+        connections=A_CONNECTIONS,
+        threads=A_THREADS,
+        duration_s=seconds,
+        watch=watch,
+    )
+    if result.non_2xx or result.socket_errors:
+        errors = f"{result.non_2xx} not 2xx, {result.socket_errors} socket errors"
+        raise BenchError(f"A's batch POSTs: {errors}")
+    return result
+
+
 async def measure_fairness(
     start: Callable[..., ServerProcess],
     env: BenchEnvironment,
@@ -185,6 +219,7 @@ async def measure_fairness(
     backlog: int,
     body: dict[str, Any],
     say: Callable[[str], None],
+    work: Path,
 ) -> FairnessResult:
     """Run the phase: an api and a worker of its own (`start(name, argv, **env)`), B alone,
     then A's backlog beside B until it is stored."""
@@ -218,32 +253,38 @@ async def measure_fairness(
         f"(answered p99 {b_alone.answered_p99_s} s)"
     )
 
-    # A alone first, a tenth of its backlog: the same client's rate without B beside it.
-    alone_requests = max(1, backlog // BATCH_SCORES // 10)
-    a_body = json.dumps({"scores": [body] * BATCH_SCORES}).encode()
-    a_url = f"{base}/v2/{ENTITY}/{A_PROJECT}/scores/batch"
-    alone = await post_backlog(a_url, authorization, a_body, BATCH_SCORES, alone_requests)
-    await _wait_for_rows(env.database_url, A_PROJECT, alone.scores, _DRAIN_TIMEOUT_S)
-    say(f"fairness: A alone accepted {alone.per_s:,.0f} scores/s")
+    # A alone: a probe sets how long A posts for its backlog, then A posts alone for that
+    # long (the baseline without B), and its scores are stored before B starts again.
+    a_body = work / "fairness-batch.json"
+    a_body.write_text(json.dumps({"scores": [body] * BATCH_SCORES}))
+    watch = {"api": api.pid, "worker": worker.pid}
+    probe = await _wrk_batches(base, authorization, a_body, A_PROBE_SECONDS, watch)
+    probe_per_s = probe.requests_per_s * BATCH_SCORES
+    seconds = max(1, round(backlog / probe_per_s))  # wrk takes whole seconds
+    alone = await _wrk_batches(base, authorization, a_body, seconds, watch)
+    alone_per_s = alone.requests_per_s * BATCH_SCORES
+    a_total = (probe.requests + alone.requests) * BATCH_SCORES
+    await _wait_for_rows(env.database_url, A_PROJECT, a_total, _DRAIN_TIMEOUT_S)
+    say(f"fairness: A alone accepted {alone_per_s:,.0f} scores/s for {seconds} s")
 
-    requests = backlog // BATCH_SCORES
     say(
-        f"fairness: A ({A_PROJECT}, shard {shard_of(ENTITY, A_PROJECT, shards)}) posts "
-        f"{requests * BATCH_SCORES:,} scores in batches of {BATCH_SCORES} beside B"
+        f"fairness: A ({A_PROJECT}, shard {shard_of(ENTITY, A_PROJECT, shards)}) posts batches "
+        f"of {BATCH_SCORES} for {seconds:.0f} s (about {backlog:,} scores) beside B"
     )
     burst = asyncio.Event()
     burst_task = asyncio.create_task(b_phase("burst", burst))
     started = time.monotonic()
-    posted = await post_backlog(a_url, authorization, a_body, BATCH_SCORES, requests)
-    a_total = alone.scores + posted.scores
+    posted = await _wrk_batches(base, authorization, a_body, seconds, watch)
+    a_total += posted.requests * BATCH_SCORES
     await _wait_for_rows(env.database_url, A_PROJECT, a_total, _DRAIN_TIMEOUT_S)
     a_stored_seconds = time.monotonic() - started
     burst.set()
     burst_sent = await burst_task
     await _wait_for_rows(env.database_url, b, alone_sent.ok + burst_sent.ok, 60)
     b_beside_a = await _b_latencies(env.database_url, b, "burst", burst_sent)
+    accepted_per_s = posted.requests_per_s * BATCH_SCORES
     say(
-        f"fairness: A accepted {posted.per_s:,.0f} scores/s, all stored in "
+        f"fairness: A accepted {accepted_per_s:,.0f} scores/s, all stored in "
         f"{a_stored_seconds:.1f} s; B beside it p50 {b_beside_a.p50_s} s, p99 {b_beside_a.p99_s} s "
         f"(answered p99 {b_beside_a.answered_p99_s} s)"
     )
@@ -255,15 +296,17 @@ async def measure_fairness(
         a_shard=shard_of(ENTITY, A_PROJECT, shards),
         b_project=b,
         b_shard=shard_of(ENTITY, b, shards),
-        backlog=posted.scores,
+        backlog=posted.requests * BATCH_SCORES,
+        a_wrk_seconds=seconds,
         b_rate_per_s=B_RATE_PER_S,
         b_alone=b_alone,
         b_beside_a=b_beside_a,
-        a_alone_per_s=alone.per_s,
-        a_accepted_per_s=posted.per_s,
-        a_post_seconds=posted.seconds,
+        a_probe_per_s=round(probe_per_s, 1),
+        a_alone_per_s=round(alone_per_s, 1),
+        a_accepted_per_s=round(accepted_per_s, 1),
+        a_latency_p99_ms=posted.latency_p99_ms,
         a_stored_seconds=round(a_stored_seconds, 1),
-        a_stored_per_s=round(posted.scores / a_stored_seconds, 1),
+        a_stored_per_s=round(posted.requests * BATCH_SCORES / a_stored_seconds, 1),
     )
 
 

@@ -899,7 +899,13 @@ async def bench(options: argparse.Namespace, results: dict[str, Any]) -> dict[st
 async def _fairness_phase(run: _Run) -> dict[str, Any]:
     run.note_load("fairness")
     measured = await _fairness.measure_fairness(
-        run.server, run.env, run.authorization, run.options.fairness_backlog, SINGLE_BODY, _say
+        run.server,
+        run.env,
+        run.authorization,
+        run.options.fairness_backlog,
+        SINGLE_BODY,
+        _say,
+        run.work,
     )
     return measured.to_json()
 
