@@ -33,6 +33,7 @@ from chaos.rabbit import RabbitCluster
 from chaos.report import ScenarioResult, print_report, write_json
 from chaos.scenarios import BY_NAME, SCENARIOS, Harness, Holds, run_scenario
 from shared.settings import Settings
+from shared.topology import api_queue
 from tests.support.processes import ApiProcess, CliProcess, api_process, worker_process
 
 DEFAULT_DURATION_SECONDS = 30.0
@@ -153,6 +154,7 @@ async def run_chaos(
                 database_url=settings[0].database_url,
                 log=say,
                 holds=holds,
+                load_queue=api_queue(ENTITY, PROJECT, settings[0].queue_shards),
             )
             say(f"running {', '.join(names)} with seed {seed}, {duration} s each")
             results = []

@@ -30,7 +30,6 @@ from chaos.report import (
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE
 from tests.support.processes import ApiProcess, CliProcess
 
-QUEUES = (QUEUE, DEAD_LETTER_QUEUE)
 RECOVERY_SECONDS = 5.0
 
 
@@ -65,6 +64,14 @@ class Harness:
     database_url: str
     log: Callable[[str], None] = field(default=print)
     holds: Holds = field(default_factory=Holds)
+    # The queue the load's scores go through (its project's shard): the one whose leader a
+    # broker fault aims at.
+    load_queue: str = QUEUE
+
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """The queues that must be healthy again after a fault."""
+        return tuple(dict.fromkeys((QUEUE, self.load_queue, DEAD_LETTER_QUEUE)))
 
     def broker_urls(self) -> list[str]:
         """One URL per broker node, for the report's own look at the dead letters."""
@@ -92,23 +99,23 @@ async def _hold(rng: random.Random, bounds: tuple[float, float]) -> float:
 
 
 async def leader_kill(harness: Harness, rng: random.Random) -> str:
-    """kill -9 the node leading scores.persist; boot it again later."""
+    """kill -9 the node leading the load's queue; boot it again later."""
     cluster = harness.cluster
-    leader = await asyncio.to_thread(cluster.leader, QUEUE)
+    leader = await asyncio.to_thread(cluster.leader, harness.load_queue)
     await asyncio.to_thread(cluster.kill, leader)
     held = await _hold(rng, harness.holds.node_down)
     await asyncio.to_thread(cluster.start_node, leader)
-    return f"kill -9 node {leader} (leader of {QUEUE}), booted again after {held} s"
+    return f"kill -9 node {leader} (leader of {harness.load_queue}), booted again after {held} s"
 
 
 async def leader_partition(harness: Harness, rng: random.Random) -> str:
-    """Cut the node leading scores.persist off from the others; heal it later."""
+    """Cut the node leading the load's queue off from the others; heal it later."""
     cluster = harness.cluster
-    leader = await asyncio.to_thread(cluster.leader, QUEUE)
+    leader = await asyncio.to_thread(cluster.leader, harness.load_queue)
     await asyncio.to_thread(cluster.partition, leader)
     held = await _hold(rng, harness.holds.partition)
     await asyncio.to_thread(cluster.heal, leader)
-    return f"partitioned node {leader} (leader of {QUEUE}) for {held} s"
+    return f"partitioned node {leader} (leader of {harness.load_queue}) for {held} s"
 
 
 async def publisher_node_stop(harness: Harness, rng: random.Random) -> str:
@@ -140,7 +147,7 @@ async def rolling_restart(harness: Harness, rng: random.Random) -> str:
     for node in order:
         await asyncio.to_thread(cluster.stop, node)
         await asyncio.to_thread(cluster.start_node, node)
-        await asyncio.to_thread(cluster.wait_healthy, QUEUES, "/", HEALTHY_TIMEOUT_SECONDS)
+        await asyncio.to_thread(cluster.wait_healthy, harness.queues, "/", HEALTHY_TIMEOUT_SECONDS)
     return f"restarted nodes {order} one at a time"
 
 
@@ -188,7 +195,9 @@ async def run_scenario(harness: Harness, scenario: Scenario, duration: float) ->
     """Wait until the cluster is healthy and both apis ready, then the fault under load; its
     result once the scores are counted."""
     rng = random.Random(f"{harness.seed}-{scenario.name}")
-    await asyncio.to_thread(harness.cluster.wait_healthy, QUEUES, "/", HEALTHY_TIMEOUT_SECONDS)
+    await asyncio.to_thread(
+        harness.cluster.wait_healthy, harness.queues, "/", HEALTHY_TIMEOUT_SECONDS
+    )
     for api in harness.apis:
         await api.wait_until_ready(HEALTHY_TIMEOUT_SECONDS)
     run_id = f"chaos-{harness.seed}-{scenario.name}-{uuid.uuid4().hex[:8]}"

@@ -70,6 +70,11 @@ def shard_queue(shard: int) -> str:
     return f"{SHARD_QUEUE_PREFIX}{shard}"
 
 
+def api_queue(entity: str, project: str, shards: int) -> str:
+    """The queue an api with `shards` shards sends a project's scores to."""
+    return shard_queue(shard_of(entity, project, shards)) if shards else QUEUE
+
+
 def persist_queues(settings: Settings) -> list[str]:
     """Every queue the worker consumes: `scores.persist`, then each shard's queue."""
     return [QUEUE, *(shard_queue(shard) for shard in range(settings.queue_shards))]

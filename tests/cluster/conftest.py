@@ -20,9 +20,10 @@ import pytest
 from chaos.postgres import PostgresPair
 from chaos.rabbit import RabbitCluster
 from shared.settings import Settings
-from shared.topology import DEAD_LETTER_QUEUE, QUEUE, declare_topology
+from shared.topology import DEAD_LETTER_QUEUE, declare_topology, persist_queues
 
-QUEUES = (QUEUE, DEAD_LETTER_QUEUE)
+# scores.persist and every shard the default QUEUE_SHARDS declares, and the dead letters.
+QUEUES = (*persist_queues(Settings()), DEAD_LETTER_QUEUE)
 HEALTHY_TIMEOUT_SECONDS = 180.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 

@@ -3,7 +3,7 @@ partition heals: within 10 s for an api on the node cut off, before the heal for
 
 Two apis on the session's cluster, each posted to by clients of its own (a client that retries
 on another api would hide one that answers 503), through one cut of the node leading
-scores.persist:
+the queue this project's scores go to (its shard):
 
 - `on the leader`: its AMQP_URL lists the leader first, so its first connection is there, and
   it takes load before the cut. Its publishes through the cut-off node are never confirmed
@@ -34,7 +34,7 @@ from api.publisher import STUCK_SECONDS
 from chaos.rabbit import RabbitCluster
 from chaos.report import GAP_TARGET_BROKER_SECONDS
 from shared.settings import Settings
-from shared.topology import QUEUE
+from shared.topology import api_queue
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
 from tests.support.load import assert_stored_exactly_once
 from tests.support.processes import api_process, worker_process
@@ -148,7 +148,9 @@ def _url_from(cluster: RabbitCluster, first: int) -> str:
 async def test_apis_answer_200_through_a_partition_of_the_leader_before_the_heal(
     cluster: RabbitCluster, settings: Settings, db: asyncpg.Connection, api_key: str
 ) -> None:
-    leader = await asyncio.to_thread(cluster.leader, QUEUE)
+    # The queue the apis send this project's scores to: its leader is the node to cut off.
+    queue = api_queue(ENTITY, PROJECT, settings.queue_shards)
+    leader = await asyncio.to_thread(cluster.leader, queue)
     first, second = (i for i in range(cluster.size) if i != leader)
     on_leader = settings.model_copy(update={"amqp_url": _url_from(cluster, leader)})
     stuck = settings.model_copy(update={"amqp_url": _url_from(cluster, first)})
@@ -193,14 +195,14 @@ async def test_apis_answer_200_through_a_partition_of_the_leader_before_the_heal
                 await asyncio.sleep(0.2)
             await _wait_until_paused(cluster, leader, client)
             paused = loop.time()
-            assert await asyncio.to_thread(cluster.leader, QUEUE) != leader
+            assert await asyncio.to_thread(cluster.leader, queue) != leader
         finally:
             healed = loop.time()
             await asyncio.to_thread(cluster.heal, leader)
             stop.set()
             await asyncio.gather(*clients)
             await client.close()
-    await asyncio.to_thread(cluster.wait_healthy, [QUEUE], "/", HEALTHY_TIMEOUT_SECONDS)
+    await asyncio.to_thread(cluster.wait_healthy, [queue], "/", HEALTHY_TIMEOUT_SECONDS)
     healthy = loop.time()
 
     gap = answers["on the leader"].longest_gap(until=healed)
