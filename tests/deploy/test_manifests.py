@@ -31,6 +31,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from shared.broker import broker_nodes
 from shared.settings import Settings
 from shared.topology import API_EXCHANGE, EXCHANGE, QUEUE, declare_topology, persist_queues
 
@@ -849,7 +850,11 @@ def test_the_service_urls_reach_the_clusters_it_creates() -> None:
     assert override["name"] == "AMQP_URL"
     reference = override["valueFrom"]["secretKeyRef"]
     api_url = find("Secret", reference["name"])["stringData"][reference["key"]]
-    assert urlsplit(api_url).hostname == f"score-ingest-rabbitmq.{namespace}.svc"
+    # Every node by its pod's address, so that the api keeps connections on two of them.
+    assert [urlsplit(node).hostname for node in broker_nodes(api_url)] == [
+        f"score-ingest-rabbitmq-server-{i}.score-ingest-rabbitmq-nodes.{namespace}.svc"
+        for i in range(rabbitmq["spec"]["replicas"])
+    ]
     assert_broker_credentials(api_url, kubernetes_definitions(), "api")
     (worker,) = containers("Deployment", ROLES["worker"])
     assert "env" not in worker, "the worker runs as the worker's user, from Secret score-ingest"
@@ -889,3 +894,17 @@ def test_secrets_hold_placeholders_not_credentials() -> None:
         assert all(p.startswith("REPLACE_ME") for p in passwords if p is not None), manifest[
             "metadata"
         ]["name"]
+
+
+def test_the_rabbitmq_cluster_polls_for_silent_nodes_as_the_harness_measured() -> None:
+    """The operator's advancedConfig sets Ra's failure detector as deploy/rabbitmq/advanced.config
+    does, the setting the chaos harness runs with (docs/operations.md)."""
+    setting = re.compile(r"\{aten,\s*\[\{poll_interval,\s*(\d+)\}\]\}")
+    advanced = find("RabbitmqCluster", "score-ingest-rabbitmq")["spec"]["rabbitmq"][
+        "advancedConfig"
+    ]
+    written = (Path(__file__).parents[2] / "deploy" / "rabbitmq" / "advanced.config").read_text()
+    in_cluster, in_file = setting.search(advanced), setting.search(written)
+    assert in_cluster is not None
+    assert in_file is not None
+    assert in_cluster.group(1) == in_file.group(1) == "250"
