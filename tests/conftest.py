@@ -114,6 +114,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         loads_machine = in_cluster or _module(item) in MACHINE_LOADING_MODULES
         if loads_machine and not item.get_closest_marker("serial"):
             item.add_marker("serial")
+    # The cluster tests last: their RabbitMQ cluster lives for the session (tests/cluster/
+    # conftest.py), and its three idle nodes would take CPU from the serial tests after them,
+    # whose clients must be answered within a second (a hostile run failed so: 1.16 s).
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
