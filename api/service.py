@@ -97,46 +97,36 @@ async def create_scores(
     _check_scorers(scope.entity, bodies, kind)
     charge = charge_quota(scope, len(bodies))
     try:
-        return await _publish_scores(scope, bodies, kind, idempotency_key, idempotency_ttl_seconds)
+        score_ids = [new_score_id() for _ in bodies]
+        if idempotency_key is not None:
+            request_hash = _request_hash(kind, bodies)
+            with database_unavailable_as_503():
+                stored_hash, score_ids = await repository.claim_idempotency_key(
+                    scope.services.pool,
+                    scope.entity,
+                    scope.project,
+                    idempotency_key,
+                    request_hash,
+                    score_ids,
+                    idempotency_ttl_seconds,
+                )
+            if stored_hash != request_hash:
+                raise IdempotencyKeyReused(
+                    "this Idempotency-Key was already used with a different request body"
+                )
+        created_at = datetime.now(UTC)
+        await scope.services.publisher.publish_scores(
+            [
+                score_message(scope, body, score_id, created_at)
+                for body, score_id in zip(bodies, score_ids, strict=True)
+            ]
+        )
     except BaseException:
         # Answered with an error (a 503 to retry, a reused key): the client was told the
         # scores were not taken, so they cost nothing. A batch split into several messages
         # may have had some confirmed; its retry carries an Idempotency-Key (README).
         charge.give_back()
         raise
-
-
-async def _publish_scores(
-    scope: ProjectScope,
-    bodies: Sequence[ScoreCreateBody],
-    kind: str,
-    idempotency_key: str | None,
-    idempotency_ttl_seconds: float,
-) -> list[UUID]:
-    score_ids = [new_score_id() for _ in bodies]
-    if idempotency_key is not None:
-        request_hash = _request_hash(kind, bodies)
-        with database_unavailable_as_503():
-            stored_hash, score_ids = await repository.claim_idempotency_key(
-                scope.services.pool,
-                scope.entity,
-                scope.project,
-                idempotency_key,
-                request_hash,
-                score_ids,
-                idempotency_ttl_seconds,
-            )
-        if stored_hash != request_hash:
-            raise IdempotencyKeyReused(
-                "this Idempotency-Key was already used with a different request body"
-            )
-    created_at = datetime.now(UTC)
-    await scope.services.publisher.publish_scores(
-        [
-            score_message(scope, body, score_id, created_at)
-            for body, score_id in zip(bodies, score_ids, strict=True)
-        ]
-    )
     return score_ids
 
 

@@ -41,6 +41,7 @@ from api.keys import create_key
 from shared.db import migrate
 from shared.settings import Settings
 from shared.topology import declare_topology
+from tests.support.otlp import OtlpReceiver, otlp_receiver
 from tests.support.services import VhostFactory, postgres_server, rabbitmq_vhosts, scratch_database
 from worker.worker import ScoreWorker
 
@@ -296,6 +297,19 @@ async def serving(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """A client on an app of its own, built from settings."""
     async with running_app(settings) as application, client_for(application) as c:
         yield c
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    """An OTLP/HTTP receiver of the test's own."""
+    with otlp_receiver() as received:
+        yield received
+
+
+@pytest.fixture
+def traced(settings: Settings, receiver: OtlpReceiver) -> Settings:
+    """The test's settings, exporting traces to its receiver."""
+    return settings.model_copy(update={"otel_exporter_otlp_endpoint": receiver.endpoint})
 
 
 @pytest.fixture

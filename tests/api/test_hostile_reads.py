@@ -20,8 +20,8 @@ from api.routes.scores import MAX_UNTIL_IDS
 from api.stored_events import StoredEvents
 from shared.ids import new_score_id
 from shared.settings import Settings
-from tests.conftest import ENTITY, PROJECT, basic_auth, client_for, running_app, score_body
-from tests.support.processes import running_worker, wait_until
+from tests.conftest import ENTITY, PROJECT, basic_auth, score_body
+from tests.support.processes import listening_app, running_worker, wait_until
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
 ATTACKER = "mallory"
@@ -47,14 +47,10 @@ async def attacker_key(db: asyncpg.Connection) -> str:
     return secret
 
 
-@contextlib.asynccontextmanager
-async def _app(settings: Settings, **changes: Any) -> AsyncIterator[tuple[FastAPI, Any]]:
-    changed = settings.model_copy(update={"read_max_waiting": PLACES, **changes})
-    async with running_app(changed) as app, client_for(app) as client:
-        await wait_until(
-            lambda: app.state.services.stored_events.connected, "the listener connected"
-        )
-        yield app, client
+def _app(
+    settings: Settings, **changes: Any
+) -> contextlib.AbstractAsyncContextManager[tuple[FastAPI, httpx.AsyncClient]]:
+    return listening_app(settings, **{"read_max_waiting": PLACES, **changes})
 
 
 def _events(app: FastAPI) -> StoredEvents:

@@ -2,12 +2,10 @@
 `Prefer: return=representation`, and what became of a score (GET …/status)."""
 
 import asyncio
-import contextlib
 import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
@@ -26,13 +24,12 @@ from tests.conftest import (
     ENTITY,
     PROJECT,
     basic_auth,
-    client_for,
-    running_app,
     score_body,
 )
 from tests.support.processes import (
     api_process,
     connect_broker,
+    listening_app,
     running_worker,
     score_message,
     wait_until,
@@ -96,16 +93,6 @@ async def other_key(db: asyncpg.Connection) -> str:
     """A key of another entity."""
     _, secret = await create_key(db, OTHER_ENTITY, name="other")
     return secret
-
-
-@contextlib.asynccontextmanager
-async def _app_with(settings: Settings, **changes: Any) -> AsyncIterator[tuple[FastAPI, Any]]:
-    application_settings = settings.model_copy(update=changes)
-    async with running_app(application_settings) as app, client_for(app) as client:
-        await wait_until(
-            lambda: app.state.services.stored_events.connected, "the listener connected"
-        )
-        yield app, client
 
 
 # --- Parsing ----------------------------------------------------------------------------------
@@ -205,7 +192,7 @@ async def test_an_old_id_a_non_v7_id_or_wait_0_is_a_404_at_once(
     params = {"wait_ms": 0} if score_id == "fresh, wait_ms=0" else {}
     wanted = new_score_id() if params else score_id
     # A default wait long enough that having waited it could not pass for answering at once.
-    async with _app_with(settings, read_wait_seconds=60) as (app, client):
+    async with listening_app(settings, read_wait_seconds=60) as (app, client):
         started = time.monotonic()
         read = await client.get(f"{URL}/{wanted}", params=params, headers=basic_auth(api_key))
         assert read.status_code == 404, read.text
@@ -216,7 +203,7 @@ async def test_an_old_id_a_non_v7_id_or_wait_0_is_a_404_at_once(
 async def test_past_the_bound_of_waiting_reads_a_read_does_not_wait(
     settings: Settings, api_key: str
 ) -> None:
-    async with _app_with(settings, read_max_waiting=1) as (app, client):
+    async with listening_app(settings, read_max_waiting=1) as (app, client):
         events = app.state.services.stored_events
         waiting = asyncio.create_task(
             client.get(
@@ -242,7 +229,7 @@ async def test_past_the_bound_of_waiting_reads_a_read_does_not_wait(
 async def test_a_read_waits_no_longer_than_read_wait_max_seconds(
     settings: Settings, api_key: str
 ) -> None:
-    async with _app_with(settings, read_wait_max_seconds=0.2) as (_, client):
+    async with listening_app(settings, read_wait_max_seconds=0.2) as (_, client):
         started = time.monotonic()
         read = await client.get(
             f"{URL}/{new_score_id()}",
@@ -313,7 +300,7 @@ async def test_the_listener_comes_back_after_losing_its_connection(
     async with TcpProxy.for_url(settings.database_url) as proxy:
         through = proxy.url_through(settings.database_url)
         async with (
-            _app_with(settings, database_url=through) as (app, client),
+            listening_app(settings, database_url=through) as (app, client),
             running_worker(settings),
         ):
             events = app.state.services.stored_events

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator
 from typing import cast
 
 import asyncpg
@@ -35,7 +34,7 @@ from tests.conftest import (
     score_body,
     wait_for_count,
 )
-from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
+from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.processes import running_worker, score_message
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
@@ -66,19 +65,6 @@ def _api(span: ReceivedSpan) -> bool:
 
 def _store(span: ReceivedSpan) -> bool:
     return span.service == "score-ingest-worker" and span.name == "store"
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    """An OTLP/HTTP receiver of the test's own."""
-    with otlp_receiver() as received:
-        yield received
-
-
-@pytest.fixture
-def traced(settings: Settings, receiver: OtlpReceiver) -> Settings:
-    """The test's settings, exporting traces to its receiver."""
-    return settings.model_copy(update={"otel_exporter_otlp_endpoint": receiver.endpoint})
 
 
 async def test_a_score_posted_with_a_traceparent_is_one_trace_from_the_api_to_the_worker(

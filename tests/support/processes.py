@@ -25,6 +25,7 @@ import aio_pika
 import httpx
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from fastapi import FastAPI
 
 from shared.broker import BrokerNodes, connect_to_a_node
 from shared.contract import ScoreMessage
@@ -37,7 +38,7 @@ from shared.topology import (
     ROUTING_KEY,
     declare_topology,
 )
-from tests.conftest import ENTITY, PROJECT
+from tests.conftest import ENTITY, PROJECT, client_for, running_app
 from tests.support.messages import to_amqp_message
 from worker.worker import ScoreWorker
 
@@ -422,3 +423,16 @@ async def connect_broker(settings: Settings) -> AsyncIterator[Broker]:
         channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
         await declare_topology(channel, settings)
         yield Broker(channel)
+
+
+@contextlib.asynccontextmanager
+async def listening_app(
+    settings: Settings, **changes: Any
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """An app of settings with changes, once its listener for stored scores is connected
+    (api/stored_events.py), and a client on it."""
+    async with running_app(settings.model_copy(update=changes)) as app, client_for(app) as client:
+        await wait_until(
+            lambda: app.state.services.stored_events.connected, "the listener connected"
+        )
+        yield app, client

@@ -2,17 +2,15 @@
 it (README "Tracing", "Message contract")."""
 
 import os
-from collections.abc import Iterator
 
 import aio_pika
 import asyncpg
-import pytest
 
 from shared.settings import Settings
 from shared.tracing import MAX_LINKS, TRACEPARENT_HEADER, TRACEPARENTS_HEADER
 from tests.conftest import wait_for_count
 from tests.support.messages import to_amqp_message
-from tests.support.otlp import OtlpReceiver, ReceivedSpan, otlp_receiver
+from tests.support.otlp import OtlpReceiver, ReceivedSpan
 from tests.support.processes import connect_broker, running_worker, score_message
 
 COUNT_SCORES = "SELECT count(*) FROM scores"
@@ -34,19 +32,6 @@ def _with_headers(headers: dict[str, object]) -> aio_pika.Message:
 
 def _stores(receiver: OtlpReceiver) -> list[ReceivedSpan]:
     return receiver.received(lambda span: span.name == "store")
-
-
-@pytest.fixture
-def receiver() -> Iterator[OtlpReceiver]:
-    """An OTLP/HTTP receiver of the test's own."""
-    with otlp_receiver() as received:
-        yield received
-
-
-@pytest.fixture
-def traced(settings: Settings, receiver: OtlpReceiver) -> Settings:
-    """The test's settings, exporting traces to its receiver."""
-    return settings.model_copy(update={"otel_exporter_otlp_endpoint": receiver.endpoint})
 
 
 async def test_a_direct_publishers_traceparents_are_linked_and_bad_ones_ignored(
