@@ -4,9 +4,13 @@ import asyncio
 import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from fastapi._body_limit import AppBodyLimitMiddleware
 from fastapi.telemetry import TelemetryConfig
+from fastapi.telemetry._asgi import ExceptionTelemetryMiddleware
+from starlette.types import ASGIApp
 
 from api.deps import Services
 from api.errors import install_error_handlers
@@ -24,6 +28,25 @@ from shared.tracing import start_tracing
 # (api/tracing.py): FastAPI's native telemetry would otherwise look up the global
 # OpenTelemetry providers on every request.
 NO_OPENTELEMETRY: TelemetryConfig = {"tracing": False, "metrics": False, "logs": False}
+_IDLE_LAYERS = (ExceptionTelemetryMiddleware, AppBodyLimitMiddleware)
+
+
+class _App(FastAPI):
+    """FastAPI, less two layers it puts around every request that do nothing in this app:
+    ExceptionTelemetryMiddleware (its telemetry is off, NO_OPENTELEMETRY) and
+    AppBodyLimitMiddleware (no app-wide max_body_size: RequestGate limits bodies). Each is a
+    coroutine call per request, together about a twelfth of the api's CPU for a single POST
+    (BENCHMARKS.md). tests/api/test_create_path.py holds the stack to its expected shape."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        """FastAPI's stack, its two idle layers taken out of the chain."""
+        outermost = super().build_middleware_stack()
+        layer: Any = outermost
+        while layer is not None:
+            while isinstance(getattr(layer, "app", None), _IDLE_LAYERS):
+                layer.app = layer.app.app
+            layer = getattr(layer, "app", None)
+        return outermost
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -80,7 +103,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if tracing is not None:
                 await asyncio.to_thread(tracing.close)
 
-    app = FastAPI(
+    app = _App(
         title="score-ingest",
         version="0.1.0",
         description="Durable ingestion for Weave scores.",
@@ -98,8 +121,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(RequestContextMiddleware, tracing=tracing)
     install_error_handlers(app, settings.retry_after_seconds)
-    # The writes first on the app's own router: matched through include_router, or after
-    # the routes of the docs, a single POST would cost the api a fifth more CPU (BENCHMARKS.md).
+    # RequestGate hands a write's POST to its route itself; the router has the same routes
+    # (include_router would copy them as plain APIRoutes) for the OpenAPI document and for
+    # other methods (405).
     app.router.routes[:0] = scores.writes.routes
     app.include_router(scores.router)
     app.include_router(health.router)

@@ -149,6 +149,19 @@ def error_response(exc: ApiError, retry_after_seconds: int) -> Response:
     return _json(exc.content(), exc.status_code, headers)
 
 
+def validation_error_response(exc: RequestValidationError) -> Response:
+    """The 422 of a RequestValidationError: FastAPI's shape, without its `input`.
+
+    FastAPI's default handler echoes the offending input, which may itself be what JSON
+    cannot encode (NaN); loc, msg and type say all that is needed.
+    """
+    detail = [
+        {"loc": list(error["loc"]), "msg": _message(error), "type": error["type"]}
+        for error in exc.errors()
+    ]
+    return _json({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
 def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
     """Map ApiError subclasses and validation errors to JSON responses."""
 
@@ -157,14 +170,8 @@ def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
         return error_response(exc, retry_after_seconds)
 
     async def validation_failed(_: Request, exc: Exception) -> Response:
-        # FastAPI's default handler echoes the offending input, which may itself be what
-        # JSON cannot encode (NaN); loc, msg and type say all that is needed.
         assert isinstance(exc, RequestValidationError)
-        detail = [
-            {"loc": list(error["loc"]), "msg": _message(error), "type": error["type"]}
-            for error in exc.errors()
-        ]
-        return _json({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
+        return validation_error_response(exc)
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation_failed)

@@ -2,8 +2,8 @@
 
 A write is checked before its body is read, by RequestGate (api/request_gate.py): the names
 in its path, its key, its charset, its size. The gate leaves a CheckedWrite in the request's
-scope, the project scope the key was verified for and the body it read, and the router hands
-the request to a WriteRoute, which does the rest as FastAPI's request handler would:
+scope, the project scope the key was verified for and the body it read, and hands the
+request to its WriteRoute, which does the rest as FastAPI's request handler would:
 
 - the body is read as JSON when its content type is `application/json` or `application/*+json`
   (FastAPI's rule, with strict content types, its default); any other body is validated as it
@@ -22,9 +22,10 @@ FastAPI's request handler would verify the key again (the route's dependencies),
 the result against the response model and go through its dependency machinery: on the bench
 machine a single POST cost twice the api's CPU that way (BENCHMARKS.md). FastAPI still
 documents a WriteRoute from its declaration, so the OpenAPI document is FastAPI's own, and
-the router matches it as any route. The endpoint must take exactly what a WriteRoute supplies
-(ProjectScopeDep, one body, headers): anything else added to a write, a dependency or a
-query parameter, fails when the route is made instead of being silently skipped.
+the router matches it as any route (a method other than POST gets FastAPI's 405). The
+endpoint must take exactly what a WriteRoute supplies (ProjectScopeDep, one body, headers):
+anything else added to a write, a dependency or a query parameter, fails when the route is
+made instead of being silently skipped.
 """
 
 import re

@@ -8,10 +8,10 @@ A write (`POST …/scores`, `POST …/scores/batch`) is checked before a byte of
 read, in the order the routes check it: the names (the same 422 the route gives), the key
 (401, 403, or 503 when it cannot be verified now), the charset (415: bodies are read as
 UTF-8 only), the declared length (413). Only then is its body read, whole and up to its
-limit (413 past it), and left with the key's project scope for the write's route
-(api/json_route.py, CheckedWrite). So a client without a valid key costs a key check, never
-a body: what it sends after its headers is not read, and the server closes the connection
-after the answer (api/http_server.py).
+limit (413 past it), and handed with the key's project scope to the write's route
+(api/json_route.py, CheckedWrite), which answers it. So a client without a valid key costs a
+key check, never a body: what it sends after its headers is not read, and the server closes
+the connection after the answer (api/http_server.py).
 
 Everything else goes on untouched: no other route reads a body.
 """
@@ -22,12 +22,18 @@ from typing import Any, Literal
 from urllib.parse import unquote_to_bytes
 
 from fastapi import status
+from fastapi.exceptions import RequestValidationError
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import TypeAdapter, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.deps import ProjectScope, Services, project_scope
-from api.errors import ApiError, InvalidCredentials, error_response
+from api.errors import (
+    ApiError,
+    InvalidCredentials,
+    error_response,
+    validation_error_response,
+)
 from api.json_route import CHECKED_WRITE, CheckedWrite, WriteRoute
 from api.limits import ClientGone, read_body
 from api.routes import scores
@@ -70,7 +76,7 @@ class UnsupportedCharset(ApiError):
 
 class RequestGate:
     """Refuse what can be refused before reading a body; read a write's body within its
-    limit; hand everything else on untouched."""
+    limit and hand it to its route; hand everything else on untouched."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, max_batch_bytes: int) -> None:
         self.app = app
@@ -103,17 +109,22 @@ class RequestGate:
                     raise InvalidPath(undecodable)
                 await self.app(scope, receive, send)
                 return
-            scope["route"] = self._routes[kind]
+            route = scope["route"] = self._routes[kind]
             authorized = await _check_write(scope, services, parts[2], parts[3])
             body = await read_body(scope, receive, self._limits[kind])
+            scope[CHECKED_WRITE] = CheckedWrite(authorized, body)
+            # Straight to the write's route, which the router would only find again, through
+            # ExceptionMiddleware and the routes before it: a tenth of the api's CPU for a
+            # single POST (BENCHMARKS.md). Its errors, raised before it answers, are answered
+            # as the app's handlers answer them (api/errors.py).
+            await route.handle(scope, receive, send)
         except ApiError as exc:
             # Unless its body had arrived, the server closes the connection after this.
             await error_response(exc, services.settings.retry_after_seconds)(scope, receive, send)
-            return
+        except RequestValidationError as exc:
+            await validation_error_response(exc)(scope, receive, send)
         except ClientGone:
             return
-        scope[CHECKED_WRITE] = CheckedWrite(authorized, body)
-        await self.app(scope, receive, send)
 
 
 def api_key(authorization: str | None) -> str:

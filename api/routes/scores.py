@@ -115,8 +115,7 @@ CREATE_PATH = "/v2/{entity}/{project}/scores"
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["Scores"])
-# The writes, served by WriteRoute after RequestGate's checks (api/json_route.py). The app
-# puts them on its own router, not through include_router (api/app.py).
+# The writes: RequestGate checks a POST and hands it to its WriteRoute (api/json_route.py).
 writes = APIRouter(tags=["Scores"], route_class=WriteRoute)
 
 

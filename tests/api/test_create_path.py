@@ -28,13 +28,18 @@ import httpx
 import pytest
 from aio_pika import DeliveryMode
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue
-from fastapi import Depends, Query
+from fastapi import APIRouter, Depends, Query
+from fastapi.middleware.asyncexitstack import AsyncExitStackMiddleware
+from starlette.middleware.errors import ServerErrorMiddleware
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.app import create_app
 from api.deps import ProjectScopeDep
 from api.json_route import WriteRoute
 from api.keys import create_key, revoke_key
+from api.metrics import RequestContextMiddleware
+from api.request_gate import RequestGate
 from api.routes import scores
 from api.schemas import ScoreCreateBody, ScoreCreateRes
 from shared.contract import BATCH_MESSAGE_TYPE, MESSAGE_TYPE, ScoreBatchMessage, ScoreMessage
@@ -711,15 +716,30 @@ async def test_behind_a_path_prefix_a_real_server_creates_and_refuses(
     assert "post" in document["paths"][SCORES_ROUTE]
 
 
-def test_the_writes_are_write_routes_first_on_the_apps_own_router() -> None:
-    """Matched through include_router, or after other routes, a write costs more (api/app.py)."""
+def test_the_app_is_fastapis_stack_less_its_idle_layers() -> None:
+    """api/app.py takes FastAPI's telemetry and body-limit layers out; every other layer stays."""
+    layer: Any = create_app(Settings()).build_middleware_stack()
+    layers = []
+    while not isinstance(layer, APIRouter):
+        layers.append(type(layer))
+        layer = layer.app
+    assert layers == [
+        ServerErrorMiddleware,
+        RequestContextMiddleware,
+        RequestGate,
+        ExceptionMiddleware,
+        AsyncExitStackMiddleware,
+    ]
+
+
+def test_the_app_documents_the_writes_as_write_routes() -> None:
     routes = create_app(Settings()).router.routes
     writes = [route for route in routes if isinstance(route, WriteRoute)]
+    assert writes == scores.writes.routes
     assert [(route.path, route.methods) for route in writes] == [
         (SCORES_ROUTE, {"POST"}),
         (f"{SCORES_ROUTE}/batch", {"POST"}),
     ]
-    assert routes[: len(writes)] == writes == scores.writes.routes
 
 
 async def _endpoint_with_a_query(
