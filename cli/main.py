@@ -74,6 +74,9 @@ def api(
         # Nothing reads the client's address, so X-Forwarded-* is not rewritten into it
         # (uvicorn would, for every request from a trusted address).
         proxy_headers=False,
+        # No `server: uvicorn` on every answer: it tells an attacker what to look up, and
+        # costs each response a header.
+        server_header=False,
     )
 
 

@@ -19,6 +19,7 @@ the declaration with PRECONDITION_FAILED), so changing them means draining and d
 
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Final
 
 import aio_pika
@@ -53,6 +54,7 @@ def persist_queue_arguments(settings: Settings) -> FieldTable:
     }
 
 
+@lru_cache(maxsize=4096)  # the api asks for every score it publishes
 def shard_of(entity: str, project: str, shards: int) -> int:
     """The shard of a project's scores: the first 8 bytes of SHA-256 of `entity/project`
     (UTF-8), big-endian, modulo the number of shards; stable across processes and versions."""
