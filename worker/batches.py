@@ -17,6 +17,8 @@ Taken = tuple[Delivery, list[ScoreRow] | PoisonMessage]
 """A message taken into a batch: its rows, or why it can never be stored."""
 
 _YIELD_EVERY_SCORES = 250
+# A queue's turn, in scores: this part of WORKER_BATCH_SIZE (see Inbox).
+_TURNS_PER_BATCH = 4
 
 
 class Inbox:
@@ -25,10 +27,14 @@ class Inbox:
 
     Taking in turn is what keeps one queue's backlog from holding back another's messages:
     a message of a quiet queue goes into the next batch, however many of a busy queue's
-    wait before it. Each queue's messages are still taken in its delivery order, so a
-    batch's acks (one per channel, for its highest delivery tag) settle only what was
-    stored. What waits here is bounded by the consumers (their prefetch windows and byte
-    budget), not by the inbox. `window` says a queue's prefetch count when a batch is taken.
+    wait before it. A turn is counted in scores, not messages: each queue gives messages
+    until it has given a quarter of WORKER_BATCH_SIZE scores (at least one message), so a
+    queue of single scores beside one of batch messages of 500 gets as many scores into a
+    batch as the other, not one per 500. Each queue's messages are still taken in its
+    delivery order, so a batch's acks (one per channel, for its highest delivery tag)
+    settle only what was stored. What waits here is bounded by the consumers (their
+    prefetch windows and byte budget), not by the inbox. `window` says a queue's prefetch
+    count when a batch is taken.
     """
 
     def __init__(self, settings: Settings, window: Callable[[str], int]) -> None:
@@ -53,9 +59,9 @@ class Inbox:
         self._arrived.set()
 
     async def collect(self) -> list[Taken]:
-        """Wait for one message, then take more, one from each queue in turn, until the
-        batch holds WORKER_BATCH_SIZE scores (or from a queue a quarter of its prefetch
-        window in messages) or the flush interval ends; [] once closed."""
+        """Wait for one message, then take more, a turn's scores from each queue in turn,
+        until the batch holds WORKER_BATCH_SIZE scores (or from a queue a quarter of its
+        prefetch window in messages) or the flush interval ends; [] once closed."""
         while not self._count and not self._closed:
             self._arrived.clear()
             await self._arrived.wait()
@@ -69,9 +75,11 @@ class Inbox:
         turn: deque[str] = deque()
         self._join(turn, taken)
         turn.rotate(-self._turn)
-        scores = 0
+        batch_size = self._settings.worker_batch_size
+        turn_size = max(1, batch_size // _TURNS_PER_BATCH)
+        scores = turn_scores = 0
         next_yield = _YIELD_EVERY_SCORES
-        while scores < self._settings.worker_batch_size:
+        while scores < batch_size:
             if not turn:
                 # Nothing more that may be taken now: wait for more within the interval,
                 # unless every queue with messages waiting has given all it may.
@@ -90,12 +98,16 @@ class Inbox:
             message = waiting.popleft()
             self._count -= 1
             taken[queue] += 1
+            batch.append(self._decode(message))
+            given = _count(batch[-1])
+            scores += given
+            turn_scores += given
             if not waiting or taken[queue] >= self._share(queue):
                 turn.popleft()
-            else:
+                turn_scores = 0
+            elif turn_scores >= turn_size:
                 turn.rotate(-1)
-            batch.append(self._decode(message))
-            scores += _count(batch[-1])
+                turn_scores = 0
             if scores >= next_yield:
                 # Decoding is CPU work that holds the event loop; let the batch being stored
                 # take its next round trip to PostgreSQL in between (and deliveries arrive:

@@ -23,6 +23,7 @@ from tests.cli.test_dlq import dlq_ok, peek_dead_letters, wait_for_dead_count
 from tests.conftest import ENTITY, basic_auth, score_body, serving, wait_for_count
 from tests.support.messages import to_amqp_message
 from tests.support.processes import connect_broker, running_worker, score_message
+from tests.worker.test_batch_messages import scores_batch
 from tests.worker.test_health_and_metrics import sample, scrape
 
 COUNT_SCORES = "SELECT count(*) FROM scores"
@@ -127,6 +128,36 @@ async def test_a_backlog_in_one_shard_does_not_hold_back_another(
     # In one queue it would wait behind every message delivered before it (a window of up
     # to WORKER_PREFETCH); taken in turn, it goes into one of the next batches.
     assert stored_before < len(backlog) // 2, f"{stored_before} of the backlog went first"
+
+
+async def test_a_shard_of_single_scores_is_not_held_back_by_one_of_batch_messages(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    """A batch takes a turn's scores from each queue, not one message: taken one message
+    each, 200 single scores would get one into a batch per batch message of 100 beside them
+    (a few per batch), and wait for the whole of the other shard's backlog."""
+    settings = sharded(settings, 2, worker_batch_size=400)
+    busy, quiet = project_in_shard(0, 2), project_in_shard(1, 2)
+    busy_scores = scores_of(busy, 8000, "busy")
+    batches = [
+        scores_batch(busy_scores[start : start + 100], f"busy-{start}")
+        for start in range(0, len(busy_scores), 100)
+    ]
+    await publish_to_shard(settings, 0, batches)
+    singles = scores_of(quiet, 200, "quiet")
+    await publish_to_shard(settings, 1, [to_amqp_message(score) for score in singles])
+
+    async with running_worker(settings):
+        total = len(busy_scores) + len(singles)
+        assert await wait_for_count(db, COUNT_SCORES, total, timeout=60) == total
+
+    stored_before = await db.fetchval(
+        "SELECT count(*) FROM scores WHERE project = $1 AND persisted_at < "
+        "(SELECT max(persisted_at) FROM scores WHERE project = $2)",
+        busy,
+        quiet,
+    )
+    assert stored_before < len(busy_scores) // 2, f"{stored_before} of the backlog went first"
 
 
 async def test_growing_the_shards_with_scores_waiting_loses_none(
