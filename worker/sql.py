@@ -33,17 +33,21 @@ _STORED = ", ".join(_stored(field) for field in SCORE_FIELDS)
 # SCORE_FIELDS (a row's), which unnest turns back into rows. The primary key makes
 # redelivered or re-published scores no-ops, and tombstones keep deleted ids deleted in every
 # project of the entity that deleted them. It returns what the accept-to-stored histogram
-# needs of the rows it stored (worker/_metrics.py).
+# needs of the rows it stored (worker/_metrics.py), counted by entity and created_at: a
+# batch message's scores share theirs, so a batch is a few rows, not one per score.
 INSERT_SCORES = f"""
-INSERT INTO scores ({_COLUMNS})
-SELECT {_STORED}
-FROM unnest({_ARRAYS}) AS batch ({_COLUMNS})
-WHERE NOT EXISTS (
-    SELECT 1 FROM score_tombstones AS t
-    WHERE t.score_id = batch.score_id AND t.entity = batch.entity
+WITH stored AS (
+    INSERT INTO scores ({_COLUMNS})
+    SELECT {_STORED}
+    FROM unnest({_ARRAYS}) AS batch ({_COLUMNS})
+    WHERE NOT EXISTS (
+        SELECT 1 FROM score_tombstones AS t
+        WHERE t.score_id = batch.score_id AND t.entity = batch.entity
+    )
+    ON CONFLICT (score_id) DO NOTHING
+    RETURNING entity, created_at
 )
-ON CONFLICT (score_id) DO NOTHING
-RETURNING entity, created_at
+SELECT entity, created_at, count(*)::int AS scores FROM stored GROUP BY entity, created_at
 """
 
 # The apis' waiting reads hear of settled ids through NOTIFY, sent at commit

@@ -77,12 +77,11 @@ class ScoreStore:
         except _DATA_ERRORS as exc:
             raise StorageRejected(str(exc)) from exc
         try:
-            observe_accept_to_stored(
-                [(row["entity"], row["created_at"]) for row in stored], datetime.now(UTC)
-            )
+            groups = [(row["entity"], row["created_at"], row["scores"]) for row in stored]
+            observe_accept_to_stored(groups, datetime.now(UTC))
         except Exception:  # metrics must never cost a stored batch its ack
             log.exception("observing a stored batch's accept-to-stored times failed")
-        return len(stored)
+        return sum(row["scores"] for row in stored)
 
     async def record_failures(
         self, failed: Sequence[FailedScore], reason: str, detail: str

@@ -194,12 +194,44 @@ async def test_accept_to_stored_is_measured_per_entity(
 def test_past_the_first_entities_the_rest_share_one_label(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_metrics, "_named_entities", {})
+    monkeypatch.setattr(_metrics, "_named_entities", set())
     now = datetime.now(UTC)
     entities = [f"entity-{i}" for i in range(_metrics.ENTITY_LABELS + 5)]
     before = _accepted_to_stored_count(_metrics.OTHER_ENTITIES)
-    _metrics.observe_accept_to_stored([(entity, now) for entity in entities * 2], now)
+    _metrics.observe_accept_to_stored([(entity, now, 1) for entity in entities * 2], now)
     assert _accepted_to_stored_count(_metrics.OTHER_ENTITIES) - before == 10
     assert _accepted_to_stored_count(entities[0]) >= 2
     assert _accepted_to_stored_count(entities[-1]) == 0
     assert set(_metrics._named_entities) == set(entities[: _metrics.ENTITY_LABELS])
+
+
+def test_a_group_of_equal_latencies_counts_as_that_many_scores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_metrics, "_named_entities", set())
+    now = datetime.now(UTC)
+    entity = "grouped-latencies"
+
+    def bucket(le: str) -> float:
+        labels = {"entity": entity, "le": le}
+        value = REGISTRY.get_sample_value("score_ingest_accept_to_stored_seconds_bucket", labels)
+        return value or 0.0
+
+    before = {le: bucket(le) for le in ("0.005", "0.01", "+Inf")}
+    sum_before = REGISTRY.get_sample_value(
+        "score_ingest_accept_to_stored_seconds_sum", {"entity": entity}
+    )
+    # A bound is inclusive (Prometheus's `le`): 5 ms goes into the 0.005 bucket.
+    _metrics.observe_accept_to_stored(
+        [(entity, now - timedelta(milliseconds=5), 500), (entity, now - timedelta(seconds=2), 3)],
+        now,
+    )
+    assert bucket("0.005") - before["0.005"] == 500
+    assert bucket("0.01") - before["0.01"] == 500
+    assert bucket("+Inf") - before["+Inf"] == 503
+    assert _accepted_to_stored_count(entity) - before["+Inf"] == 503
+    sum_after = REGISTRY.get_sample_value(
+        "score_ingest_accept_to_stored_seconds_sum", {"entity": entity}
+    )
+    assert sum_after is not None
+    assert sum_after - (sum_before or 0.0) == pytest.approx(500 * 0.005 + 3 * 2)
