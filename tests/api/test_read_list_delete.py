@@ -583,8 +583,8 @@ async def test_a_delete_racing_a_workers_insert_still_removes_the_score(
         batch = holder.transaction()
         await batch.start()
         await holder.execute(worker_sql.LOCK_PROJECTS_SHARED, [ENTITY], [PROJECT])
-        status = await holder.execute(worker_sql.INSERT_SCORES, *_columns(score))
-        assert status == "INSERT 0 1"
+        stored = await holder.fetch(worker_sql.INSERT_SCORES, *_columns(score))
+        assert [row["scores"] for row in stored] == [1]
 
         deleting = asyncio.create_task(_delete(client, api_key, [str(score.score_id)]))
         await _wait_for_lock_waiter_or(deleting, db)
