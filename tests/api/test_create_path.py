@@ -698,7 +698,8 @@ async def test_behind_a_path_prefix_a_real_server_creates_and_refuses(
         after = await scrape(client)
 
     # The server does not name itself (cli/main.py).
-    assert "server" not in created_.headers and "server" not in refused.headers
+    assert "server" not in created_.headers
+    assert "server" not in refused.headers
     score_id = _only_score_id(created_)
     for response, name in ((unknown, "unknown key"), (refused, "json array")):
         recorded = ANSWERS["requests"][name]
