@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import median_low
 from typing import Any
 
 import aiohttp
@@ -298,10 +299,11 @@ async def measure_fairness(
         )
     await _wait_for_rows(env.database_url, b, alone_sent.ok + burst_sent.ok, 60)
     b_beside_a = await _b_latencies(env.database_url, b, "burst", burst_sent)
-    posted = sorted(beside, key=lambda result: result.requests_per_s)[(A_ROUNDS - 1) // 2]
+    # The median round beside B (its rate, latency and store time belong together).
+    middle = sorted(range(A_ROUNDS), key=lambda i: beside[i].requests_per_s)[(A_ROUNDS - 1) // 2]
+    posted, a_stored_seconds = beside[middle], stored_seconds[middle]
     accepted_per_s = posted.requests_per_s * BATCH_SCORES
-    alone_per_s = sorted(alone_rates)[(A_ROUNDS - 1) // 2]
-    a_stored_seconds = sorted(stored_seconds)[(A_ROUNDS - 1) // 2]
+    alone_per_s = median_low(alone_rates)
     say(
         f"fairness: A alone {alone_per_s:,.0f}, beside B {accepted_per_s:,.0f} scores/s "
         f"(medians of {A_ROUNDS}); B beside A p50 {b_beside_a.p50_s} s, p99 "
