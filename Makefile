@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 RUNTIME := $(VENV)/.installed-runtime
 DEV := $(VENV)/.installed-dev
 
-.PHONY: install install-runtime run test test-unit lint format bench chaos schema image up clean
+.PHONY: install install-runtime run test test-cluster test-unit lint format bench chaos schema image up clean
 
 # `make run` needs only the service's own dependencies; everything else needs the dev tools.
 install-runtime: $(RUNTIME)
@@ -24,20 +24,26 @@ $(DEV): $(RUNTIME)
 run: install-runtime
 	$(BIN)/score-ingest run
 
-# Tests (README "Testing"): everything but the serial tests in parallel, each pytest-xdist worker
-# with a database and a vhost of its own, then the serial tests (they load the whole machine)
-# one at a time. Both passes run whatever the first gives; exit 5 is a pass that PYTEST_ARGS
-# left without tests. A run starts hundreds of Python processes: they keep their bytecode even
-# where PYTHONDONTWRITEBYTECODE is set.
+# Tests (README "Testing"): everything but the serial and cluster tests in parallel, each
+# pytest-xdist worker with a database and a vhost of its own, then the serial tests (they load
+# the whole machine) one at a time. Both passes run whatever the first gives; exit 5 is a pass
+# that PYTEST_ARGS left without tests. A run starts hundreds of Python processes: they keep
+# their bytecode even where PYTHONDONTWRITEBYTECODE is set. The cluster tests (nodes of their
+# own, minutes) are `make test-cluster`; CI runs both.
 TEST_WORKERS ?= 4
 
 test: export PYTHONDONTWRITEBYTECODE :=
 test: install
 	@status=0; \
-	$(BIN)/python -m pytest -m "not serial" -n $(TEST_WORKERS) $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python -m pytest -m "not serial and not cluster" -n $(TEST_WORKERS) $(PYTEST_ARGS) || status=$$?; \
 	[ $$status -eq 5 ] && status=0; \
-	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
+	$(BIN)/python -m pytest -m "serial and not cluster" $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
 	exit $$status
+
+# A 3-node RabbitMQ cluster and a PostgreSQL pair on this machine (tests/cluster/), as root.
+test-cluster: export PYTHONDONTWRITEBYTECODE :=
+test-cluster: install
+	$(BIN)/python -m pytest -m cluster $(PYTEST_ARGS)
 
 # Unit tests only: no PostgreSQL or RabbitMQ needed (a unit test that reaches for one fails).
 test-unit: export PYTHONDONTWRITEBYTECODE :=
