@@ -11,7 +11,8 @@ QUIET_SECONDS, then while A posts and until A's whole backlog is stored. A's thr
 its accepted scores per second beside B, compared with A posting alone for as long, its
 backlog drained before B starts (a short run is faster: the queue takes the burst while
 the worker has not yet caught up to compete for the cores, so the baseline lasts as long
-as the run it is compared with), in A_ROUNDS interleaved rounds compared by their medians.
+as the run it is compared with), in A_ROUNDS interleaved rounds compared by their medians,
+A alone first in odd rounds and beside B first in even ones.
 """
 
 import asyncio
@@ -273,12 +274,17 @@ async def measure_fairness(
     beside: list[WrkResult] = []
     stored_seconds: list[float] = []
     burst_sent = _Sent()
-    for number in range(1, A_ROUNDS + 1):
+
+    async def a_alone(number: int) -> None:
+        nonlocal a_total
         alone = await _wrk_batches(base, authorization, a_body, seconds, watch)
         alone_rates.append(alone.requests_per_s * BATCH_SCORES)
         a_total += alone.requests * BATCH_SCORES
         await _wait_for_rows(env.database_url, A_PROJECT, a_total, _DRAIN_TIMEOUT_S)
         say(f"fairness: round {number}, A alone accepted {alone_rates[-1]:,.0f} scores/s")
+
+    async def a_beside_b(number: int) -> None:
+        nonlocal a_total
         burst = asyncio.Event()
         burst_task = asyncio.create_task(b_phase("burst", burst))
         started = time.monotonic()
@@ -297,6 +303,14 @@ async def measure_fairness(
             f"{posted.requests_per_s * BATCH_SCORES:,.0f} scores/s, all stored in "
             f"{stored_seconds[-1]:.1f} s"
         )
+
+    # Alone first in odd rounds, beside B first in even ones: the table grows, and
+    # PostgreSQL vacuums and checkpoints after what came before, so whichever always came
+    # second would be measured on a busier database.
+    for number in range(1, A_ROUNDS + 1):
+        first, second = (a_alone, a_beside_b) if number % 2 else (a_beside_b, a_alone)
+        await first(number)
+        await second(number)
     await _wait_for_rows(env.database_url, b, alone_sent.ok + burst_sent.ok, 60)
     b_beside_a = await _b_latencies(env.database_url, b, "burst", burst_sent)
     # The median round beside B (its rate, latency and store time belong together).
