@@ -80,7 +80,12 @@ async def _attackers(settings: Settings, base_url: str, key: str) -> dict[str, A
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    output, _ = await asyncio.wait_for(process.communicate(), timeout=ATTACK_SECONDS + 60)
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), timeout=ATTACK_SECONDS + 60)
+    except BaseException:  # timed out or cancelled: no attacker outlives the test
+        process.kill()
+        await process.wait()
+        raise
     text = output.decode(errors="replace")
     assert process.returncode == 0, text
     report: dict[str, Any] = json.loads(text.splitlines()[-1])
