@@ -3,13 +3,18 @@
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Request, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from starlette import status
+from starlette.requests import Request
+from starlette.responses import Response
 
 from shared.db import DATABASE_UNAVAILABLE
+
+if TYPE_CHECKING:  # FastAPI itself is imported when handlers are installed: `cli keys`
+    # uses these errors (through api.keys) and starts faster without it.
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
 
 WWW_AUTHENTICATE = 'Basic realm="score-ingest", Bearer realm="score-ingest"'
 
@@ -149,7 +154,7 @@ def error_response(exc: ApiError, retry_after_seconds: int) -> Response:
     return _json(exc.content(), exc.status_code, headers)
 
 
-def validation_error_response(exc: RequestValidationError) -> Response:
+def validation_error_response(exc: "RequestValidationError") -> Response:
     """The 422 of a RequestValidationError: FastAPI's shape, without its `input`.
 
     FastAPI's default handler echoes the offending input, which may itself be what JSON
@@ -162,8 +167,9 @@ def validation_error_response(exc: RequestValidationError) -> Response:
     return _json({"detail": detail}, status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-def install_error_handlers(app: FastAPI, retry_after_seconds: int) -> None:
+def install_error_handlers(app: "FastAPI", retry_after_seconds: int) -> None:
     """Map ApiError subclasses and validation errors to JSON responses."""
+    from fastapi.exceptions import RequestValidationError
 
     async def api_error(_: Request, exc: Exception) -> Response:
         assert isinstance(exc, ApiError)

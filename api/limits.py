@@ -1,6 +1,6 @@
 """The request body size limit, and helpers to read a request's headers and body."""
 
-from fastapi import status
+from starlette import status
 from starlette.types import Receive, Scope
 
 from api.errors import ApiError
