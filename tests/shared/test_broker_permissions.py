@@ -119,9 +119,13 @@ class Users:
     publisher: str
 
 
-@pytest.fixture
-def users(vhosts: VhostFactory | str) -> Iterator[Users]:
-    """Run the README's lines with names of this test's own; remove what they made after."""
+@pytest.fixture(scope="module")
+def readme_users(vhosts: VhostFactory | str) -> Iterator[Users]:
+    """Run the README's lines with names of this module's own; remove what they made after.
+
+    Once per module (per pytest-xdist worker that runs its tests): each line is a
+    `rabbitmqctl` process, about a second of CPU, and the users do not change between
+    tests. `users` empties the vhost before each test."""
     if not isinstance(vhosts, VhostFactory):
         pytest.fail("needs rabbitmqctl on a local broker to make users (TEST_AMQP_URL is set)")
     suffix = uuid.uuid4().hex[:12]
@@ -159,6 +163,19 @@ def users(vhosts: VhostFactory | str) -> Iterator[Users]:
             _rabbitmqctl("delete_vhost", vhost)
         for user in made_users:
             _rabbitmqctl("delete_user", user)
+
+
+@pytest.fixture
+async def users(readme_users: Users, settings: Settings) -> Users:
+    """The README's users, on a vhost without the topology an earlier test declared."""
+    connection = await aio_pika.connect(readme_users.guest, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (*persist_queues(settings), DEAD_LETTER_QUEUE):
+            await channel.queue_delete(queue)
+        for exchange in (EXCHANGE, API_EXCHANGE, DEAD_LETTER_EXCHANGE):
+            await channel.exchange_delete(exchange)
+    return readme_users
 
 
 @contextlib.asynccontextmanager
