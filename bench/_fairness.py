@@ -36,6 +36,7 @@ from bench._services import (
     free_port,
     score_ingest_command,
 )
+from bench._system import CpuWindow
 from shared.settings import Settings
 from shared.topology import shard_of
 
@@ -47,6 +48,7 @@ A_PROBE_SECONDS = 3
 A_ROUNDS = 5
 B_RATE_PER_S = 50.0
 QUIET_SECONDS = 10.0
+IDLE_SECONDS = 5.0
 B_P99_TARGET_S = 1.0
 A_SHARE_TARGET = 0.9
 _DRAIN_TIMEOUT_S = 900.0
@@ -90,6 +92,11 @@ class FairnessResult:
     a_accepted_per_s: float
     a_alone_rounds: list[float]
     a_beside_rounds: list[float]
+    # Each round's A latency p50 (ms) and who used the CPU meanwhile (wrk's cpu_percent).
+    a_alone_round_p50_ms: list[float]
+    a_beside_round_p50_ms: list[float]
+    a_alone_round_cpu: list[dict[str, float]]
+    a_beside_round_cpu: list[dict[str, float]]
     a_latency_p99_ms: float
     a_stored_seconds: float
     a_stored_per_s: float
@@ -245,11 +252,17 @@ async def measure_fairness(
         return await _paced_singles(b_url, authorization, single, until)
 
     say(f"fairness: B ({b}, shard {shard_of(ENTITY, b, shards)}) alone, {B_RATE_PER_S:g}/s")
+    watch = {"api": api.pid, "worker": worker.pid}
+    idle = CpuWindow(watch)
+    await asyncio.sleep(IDLE_SECONDS)
+    say(f"fairness: nothing posting for {IDLE_SECONDS:g} s, CPU % {_cpu(idle.finish())}")
     quiet = asyncio.Event()
+    window = CpuWindow(watch)
     quiet_task = asyncio.create_task(b_phase("quiet", quiet))
     await asyncio.sleep(QUIET_SECONDS)
     quiet.set()
     alone_sent = await quiet_task
+    say(f"fairness: B alone, CPU % {_cpu(window.finish())}")
     await _wait_for_rows(env.database_url, b, alone_sent.ok, 60)
     b_alone = await _b_latencies(env.database_url, b, "quiet", alone_sent)
     say(
@@ -264,13 +277,12 @@ async def measure_fairness(
     # fifth either way with no B at all (BENCHMARKS.md, "Fairness").
     a_body = work / "fairness-batch.json"
     a_body.write_text(json.dumps({"scores": [body] * BATCH_SCORES}))
-    watch = {"api": api.pid, "worker": worker.pid}
     probe = await _wrk_batches(base, authorization, a_body, A_PROBE_SECONDS, watch)
     probe_per_s = probe.requests_per_s * BATCH_SCORES
     seconds = max(1, round(backlog / probe_per_s))  # wrk takes whole seconds
     a_total = probe.requests * BATCH_SCORES
     await _wait_for_rows(env.database_url, A_PROJECT, a_total, _DRAIN_TIMEOUT_S)
-    alone_rates: list[float] = []
+    alone_runs: list[WrkResult] = []
     beside: list[WrkResult] = []
     stored_seconds: list[float] = []
     burst_sent = _Sent()
@@ -278,10 +290,13 @@ async def measure_fairness(
     async def a_alone(number: int) -> None:
         nonlocal a_total
         alone = await _wrk_batches(base, authorization, a_body, seconds, watch)
-        alone_rates.append(alone.requests_per_s * BATCH_SCORES)
+        alone_runs.append(alone)
         a_total += alone.requests * BATCH_SCORES
         await _wait_for_rows(env.database_url, A_PROJECT, a_total, _DRAIN_TIMEOUT_S)
-        say(f"fairness: round {number}, A alone accepted {alone_rates[-1]:,.0f} scores/s")
+        say(
+            f"fairness: round {number}, A alone accepted "
+            f"{alone.requests_per_s * BATCH_SCORES:,.0f} scores/s, {_cpu_and_p50(alone)}"
+        )
 
     async def a_beside_b(number: int) -> None:
         nonlocal a_total
@@ -301,7 +316,7 @@ async def measure_fairness(
         say(
             f"fairness: round {number}, A beside B accepted "
             f"{posted.requests_per_s * BATCH_SCORES:,.0f} scores/s, all stored in "
-            f"{stored_seconds[-1]:.1f} s"
+            f"{stored_seconds[-1]:.1f} s, {_cpu_and_p50(posted)}"
         )
 
     # Alone first in odd rounds, beside B first in even ones: the table grows, and
@@ -317,6 +332,7 @@ async def measure_fairness(
     middle = sorted(range(A_ROUNDS), key=lambda i: beside[i].requests_per_s)[(A_ROUNDS - 1) // 2]
     posted, a_stored_seconds = beside[middle], stored_seconds[middle]
     accepted_per_s = posted.requests_per_s * BATCH_SCORES
+    alone_rates = [run.requests_per_s * BATCH_SCORES for run in alone_runs]
     alone_per_s = median_low(alone_rates)
     say(
         f"fairness: A alone {alone_per_s:,.0f}, beside B {accepted_per_s:,.0f} scores/s "
@@ -341,10 +357,23 @@ async def measure_fairness(
         a_accepted_per_s=round(accepted_per_s, 1),
         a_alone_rounds=[round(rate, 1) for rate in alone_rates],
         a_beside_rounds=[round(r.requests_per_s * BATCH_SCORES, 1) for r in beside],
+        a_alone_round_p50_ms=[r.latency_p50_ms for r in alone_runs],
+        a_beside_round_p50_ms=[r.latency_p50_ms for r in beside],
+        a_alone_round_cpu=[r.cpu_percent for r in alone_runs],
+        a_beside_round_cpu=[r.cpu_percent for r in beside],
         a_latency_p99_ms=posted.latency_p99_ms,
         a_stored_seconds=round(a_stored_seconds, 1),
         a_stored_per_s=round(posted.requests * BATCH_SCORES / a_stored_seconds, 1),
     )
+
+
+def _cpu(percents: dict[str, float]) -> str:
+    return ", ".join(f"{name} {percent:g}" for name, percent in percents.items())
+
+
+def _cpu_and_p50(run: WrkResult) -> str:
+    """A round's latency p50 and who used the CPU meanwhile (percent of one core)."""
+    return f"p50 {run.latency_p50_ms:.1f} ms, CPU % {_cpu(run.cpu_percent)}"
 
 
 def targets(
