@@ -303,7 +303,7 @@ async def measure_fairness(
     a_body = work / "fairness-batch.json"
     a_body.write_text(json.dumps({"scores": [body] * BATCH_SCORES}))
     probe = await _wrk_batches(base, authorization, a_body, A_PROBE_SECONDS, watch)
-    probe_per_s = probe.requests_per_s * BATCH_SCORES
+    probe_per_s = _scores_per_s(probe)
     seconds = max(1, round(backlog / probe_per_s))  # wrk takes whole seconds
     a_total = probe.requests * BATCH_SCORES
     await _wait_for_rows(env.database_url, A_PROJECT, a_total, _DRAIN_TIMEOUT_S)
@@ -324,7 +324,7 @@ async def measure_fairness(
         alone_rolled.append(_rolled_over(wal))
         say(
             f"fairness: round {number}, A alone accepted "
-            f"{alone.requests_per_s * BATCH_SCORES:,.0f} scores/s, {_cpu_and_p50(alone)}"
+            f"{_scores_per_s(alone):,.0f} scores/s, {_cpu_and_p50(alone)}"
             f"{_rollover_note(alone_rolled[-1])}"
         )
 
@@ -347,7 +347,7 @@ async def measure_fairness(
         beside.append(posted)
         say(
             f"fairness: round {number}, A beside B accepted "
-            f"{posted.requests_per_s * BATCH_SCORES:,.0f} scores/s, all stored in "
+            f"{_scores_per_s(posted):,.0f} scores/s, all stored in "
             f"{stored_seconds[-1]:.1f} s, {_cpu_and_p50(posted)}"
             f"{_rollover_note(beside_rolled[-1])}"
         )
@@ -362,9 +362,9 @@ async def measure_fairness(
     await _wait_for_rows(env.database_url, b, alone_sent.ok + burst_sent.ok, 60)
     b_beside_a = await _b_latencies(env.database_url, b, "burst", burst_sent)
     # The medians; the round beside B nearest its median gives the latency and store time.
-    accepted_per_s = median([run.requests_per_s * BATCH_SCORES for run in beside])
-    alone_per_s = median([run.requests_per_s * BATCH_SCORES for run in alone_runs])
-    posted = min(beside, key=lambda run: abs(run.requests_per_s * BATCH_SCORES - accepted_per_s))
+    accepted_per_s = median([_scores_per_s(run) for run in beside])
+    alone_per_s = median([_scores_per_s(run) for run in alone_runs])
+    posted = min(beside, key=lambda run: abs(_scores_per_s(run) - accepted_per_s))
     a_stored_seconds = stored_seconds[beside.index(posted)]
     say(
         f"fairness: A alone {alone_per_s:,.0f}, beside B {accepted_per_s:,.0f} scores/s "
@@ -389,8 +389,8 @@ async def measure_fairness(
         a_probe_per_s=round(probe_per_s, 1),
         a_alone_per_s=round(alone_per_s, 1),
         a_accepted_per_s=round(accepted_per_s, 1),
-        a_alone_rounds=[round(r.requests_per_s * BATCH_SCORES, 1) for r in alone_runs],
-        a_beside_rounds=[round(r.requests_per_s * BATCH_SCORES, 1) for r in beside],
+        a_alone_rounds=[round(_scores_per_s(r), 1) for r in alone_runs],
+        a_beside_rounds=[round(_scores_per_s(r), 1) for r in beside],
         a_alone_round_p50_ms=[r.latency_p50_ms for r in alone_runs],
         a_beside_round_p50_ms=[r.latency_p50_ms for r in beside],
         a_alone_round_cpu=[r.cpu_percent for r in alone_runs],
@@ -401,6 +401,11 @@ async def measure_fairness(
         a_stored_seconds=round(a_stored_seconds, 1),
         a_stored_per_s=round(posted.requests * BATCH_SCORES / a_stored_seconds, 1),
     )
+
+
+def _scores_per_s(run: WrkResult) -> float:
+    """A's accepted scores per second in one wrk run of batch POSTs."""
+    return run.requests_per_s * BATCH_SCORES
 
 
 def _rollover_note(rolled: bool | None) -> str:

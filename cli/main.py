@@ -49,8 +49,8 @@ def api(
     ] = None,
 ) -> None:
     """Serve the HTTP API."""
-    # Imported here, not at the top: the other commands (dlq, keys, status) start about
-    # twice as fast without FastAPI, the app and uvicorn. bench.serve swaps
+    # Imported here, not at the top: without FastAPI, the app and uvicorn the other
+    # commands (dlq, keys, status) import in 0.35 s instead of 0.41 s. bench.serve swaps
     # api.app.create_app, which this import then finds.
     import uvicorn
 
