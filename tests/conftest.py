@@ -42,7 +42,13 @@ from shared.db import migrate
 from shared.settings import Settings
 from shared.topology import declare_topology
 from tests.support.otlp import OtlpReceiver, otlp_receiver
-from tests.support.services import VhostFactory, postgres_server, rabbitmq_vhosts, scratch_database
+from tests.support.services import (
+    VhostFactory,
+    delete_topology,
+    postgres_server,
+    rabbitmq_vhosts,
+    scratch_database,
+)
 from worker.worker import ScoreWorker
 
 ENTITY = "acme"
@@ -248,6 +254,16 @@ async def clean_slate(request: pytest.FixtureRequest) -> None:
     finally:
         await conn.close()
     await _empty_queues(settings)
+
+
+@pytest.fixture
+async def bare_vhost(settings: Settings) -> AsyncIterator[str]:
+    """The session's vhost without the topology, for a test that declares it with queue
+    arguments of its own (a limit, a delivery limit: fixed once a queue is declared). It is
+    deleted again after the test, so that the next one declares it as usual."""
+    await delete_topology(settings.amqp_url, settings)
+    yield settings.amqp_url
+    await delete_topology(settings.amqp_url, settings)
 
 
 @pytest.fixture

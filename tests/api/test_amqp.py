@@ -49,7 +49,6 @@ from shared.settings import Settings
 from shared.topology import QUEUE
 from tests.support.processes import CliProcess, free_port
 from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
-from tests.support.services import VhostFactory
 from tests.support.tcp_proxy import TcpProxy
 
 PROPERTIES = MessageProperties("application/json", "amqp-test.v1", "amqp-tests")
@@ -1243,13 +1242,6 @@ async def publish_score(publisher: ScorePublisher) -> str | None:
     return None
 
 
-def full_queue_vhost(vhosts: VhostFactory | str) -> str:
-    """A vhost of the test's own: scores.persist is declared there with x-max-length 1."""
-    if not isinstance(vhosts, VhostFactory):
-        pytest.fail("needs a vhost of its own (for x-max-length 1): unset TEST_AMQP_URL")
-    return vhosts.create()
-
-
 @contextlib.asynccontextmanager
 async def publisher_on_a_full_queue(
     settings: Settings, url: str, monkeypatch: pytest.MonkeyPatch
@@ -1287,13 +1279,12 @@ def replacements(caplog: pytest.LogCaptureFixture) -> int:
 
 async def test_a_score_publisher_nacked_throughout_reconnects_once_per_stuck_period_not_per_nack(
     settings: Settings,
-    vhosts: VhostFactory | str,
+    bare_vhost: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="api.publisher")
-    url = full_queue_vhost(vhosts)
-    async with publisher_on_a_full_queue(settings, url, monkeypatch) as publisher:
+    async with publisher_on_a_full_queue(settings, bare_vhost, monkeypatch) as publisher:
         outcomes = await publish_for(publisher, NACKING_SECONDS)
         await asyncio.wait_for(publisher.wait_ready(), 10)
     # Refused by the broker, or at once while the connection is being replaced.
@@ -1306,16 +1297,15 @@ async def test_a_score_publisher_nacked_throughout_reconnects_once_per_stuck_per
 
 async def test_a_score_publisher_whose_nacks_come_between_confirms_keeps_its_connection(
     settings: Settings,
-    vhosts: VhostFactory | str,
+    bare_vhost: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="api.publisher")
-    url = full_queue_vhost(vhosts)
-    connection = await aio_pika.connect(url, timeout=10)
+    connection = await aio_pika.connect(bare_vhost, timeout=10)
     async with (
         connection,
-        publisher_on_a_full_queue(settings, url, monkeypatch) as publisher,
+        publisher_on_a_full_queue(settings, bare_vhost, monkeypatch) as publisher,
     ):
         queue = await (await connection.channel()).get_queue(QUEUE)
 

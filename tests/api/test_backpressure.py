@@ -35,7 +35,6 @@ from tests.conftest import (
 )
 from tests.support.processes import connect_broker, running_worker, wait_until
 from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
-from tests.support.services import VhostFactory
 
 SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
 PUBLISH_TIMEOUT_SECONDS = 5.0
@@ -143,17 +142,6 @@ async def assert_rows_are(db: asyncpg.Connection, accepted: list[str], extra: in
     assert len(unanswered) <= extra, f"{len(unanswered)} rows nobody was answered 200 for"
 
 
-def fresh_vhost(vhosts: VhostFactory | str) -> str:
-    """A vhost of this test's own; queue arguments cannot change in the session's."""
-    if not isinstance(vhosts, VhostFactory):
-        pytest.fail(
-            "the backpressure tests declare scores.persist with their own limits, so they need "
-            "vhosts of their own, made with rabbitmqctl; TEST_AMQP_URL names one fixed vhost. "
-            "Run them against a local RabbitMQ (unset TEST_AMQP_URL)."
-        )
-    return vhosts.create()
-
-
 @pytest.mark.parametrize(
     ("limit", "value", "fitting"),
     [
@@ -164,7 +152,7 @@ def fresh_vhost(vhosts: VhostFactory | str) -> str:
 )
 async def test_a_full_queue_gets_prompt_503s_until_a_worker_drains_it(
     settings: Settings,
-    vhosts: VhostFactory | str,
+    bare_vhost: str,
     db: asyncpg.Connection,
     api_key: str,
     limit: dict[str, int],
@@ -173,7 +161,6 @@ async def test_a_full_queue_gets_prompt_503s_until_a_worker_drains_it(
 ) -> None:
     bounded = settings.model_copy(
         update={
-            "amqp_url": fresh_vhost(vhosts),
             "publish_timeout_seconds": PUBLISH_TIMEOUT_SECONDS,
             **limit,
         }

@@ -46,7 +46,7 @@ from tests.conftest import (
     wait_for_count,
 )
 from tests.support.processes import connect_broker, running_worker
-from tests.support.services import VhostFactory
+from tests.support.services import VhostFactory, delete_topology
 from tests.worker.test_trust_by_exchange import (
     CASE_HEADER,
     Checks,
@@ -168,13 +168,7 @@ def readme_users(vhosts: VhostFactory | str) -> Iterator[Users]:
 @pytest.fixture
 async def users(readme_users: Users, settings: Settings) -> Users:
     """The README's users, on a vhost without the topology an earlier test declared."""
-    connection = await aio_pika.connect(readme_users.guest, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (*persist_queues(settings), DEAD_LETTER_QUEUE):
-            await channel.queue_delete(queue)
-        for exchange in (EXCHANGE, API_EXCHANGE, DEAD_LETTER_EXCHANGE):
-            await channel.exchange_delete(exchange)
+    await delete_topology(readme_users.guest, settings)
     return readme_users
 
 

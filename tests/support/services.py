@@ -14,9 +14,18 @@ import uuid
 from collections.abc import Iterator
 from urllib.parse import quote, urlsplit, urlunsplit
 
+import aio_pika
 import asyncpg
 
 from shared.db import with_database
+from shared.settings import Settings
+from shared.topology import (
+    API_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EXCHANGE,
+    persist_queues,
+)
 
 LOCAL_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
 LOCAL_AMQP = "amqp://guest:guest@127.0.0.1:5672/"
@@ -42,6 +51,18 @@ def _no_service(what: str, variable: str) -> RuntimeError:
         f"No {what} for the tests: set {variable}, run {what} on localhost, "
         "or install Docker so testcontainers can start one."
     )
+
+
+async def delete_topology(amqp_url: str, settings: Settings) -> None:
+    """Delete the queues and exchanges that `declare_topology` declares with these settings,
+    at amqp_url (as a user who may configure them), whatever they hold."""
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (*persist_queues(settings), DEAD_LETTER_QUEUE):
+            await channel.queue_delete(queue)
+        for exchange in (EXCHANGE, API_EXCHANGE, DEAD_LETTER_EXCHANGE):
+            await channel.exchange_delete(exchange)
 
 
 @contextlib.contextmanager

@@ -130,10 +130,7 @@ async def test_a_robust_connection_reconnects_to_the_next_node(settings: Setting
 @pytest.fixture
 def own_node(settings: Settings) -> Iterator[RabbitMQNode]:
     """A node of this test's own, with a vhost of the same name as the session's."""
-    with rabbitmq_node() as node:
-        vhost = unquote(urlsplit(settings.amqp_url).path[1:]) or "/"
-        node.ctl_sync("add_vhost", vhost)
-        node.ctl_sync("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    with rabbitmq_node(vhost=unquote(urlsplit(settings.amqp_url).path[1:]) or "/") as node:
         yield node
 
 

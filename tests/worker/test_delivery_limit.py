@@ -3,26 +3,20 @@
 import asyncio
 
 import aio_pika
-import pytest
 
 from cli._dead_letters import describe
 from shared.settings import Settings
 from shared.topology import DEAD_LETTER_QUEUE, QUEUE, declare_topology
 from tests.support.messages import to_amqp_message
 from tests.support.processes import score_message
-from tests.support.services import VhostFactory
 
 DELIVERY_LIMIT = 3
 
 
 async def test_a_message_redelivered_past_the_limit_is_dead_lettered_by_the_broker(
-    settings: Settings, vhosts: VhostFactory | str
+    settings: Settings, bare_vhost: str
 ) -> None:
-    if not isinstance(vhosts, VhostFactory):
-        pytest.fail("needs a vhost of its own (queue arguments are fixed once declared)")
-    limited = settings.model_copy(
-        update={"amqp_url": vhosts.create(), "queue_delivery_limit": DELIVERY_LIMIT}
-    )
+    limited = settings.model_copy(update={"queue_delivery_limit": DELIVERY_LIMIT})
     score = score_message()
     connection = await aio_pika.connect(limited.amqp_url)
     async with connection:

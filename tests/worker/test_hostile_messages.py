@@ -35,7 +35,6 @@ from tests.support.raw_amqp import (
     publish_raw,
     raw_message,
 )
-from tests.support.services import VhostFactory
 from tests.support.tcp_proxy import TcpProxy
 from tests.worker.test_health_and_metrics import Samples, get, sample, scrape, wait_for_status
 from worker.worker import ScoreWorker
@@ -162,13 +161,9 @@ async def test_headers_and_properties_no_client_reads_cost_no_other_message_a_de
 
 
 @pytest.fixture
-def limited(settings: Settings, vhosts: VhostFactory | str) -> Settings:
-    """Settings on a vhost of their own whose queue dead-letters at the third delivery."""
-    if not isinstance(vhosts, VhostFactory):
-        pytest.fail("needs a vhost of its own (queue arguments are fixed once declared)")
-    return settings.model_copy(
-        update={"amqp_url": vhosts.create(), "queue_delivery_limit": 2, "worker_prefetch": 200}
-    )
+def limited(settings: Settings, bare_vhost: str) -> Settings:
+    """Settings whose queue dead-letters at the third delivery."""
+    return settings.model_copy(update={"queue_delivery_limit": 2, "worker_prefetch": 200})
 
 
 async def test_a_message_that_kills_the_connection_is_isolated_and_spends_no_one_elses_deliveries(
