@@ -15,6 +15,7 @@ import pytest
 
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, wait_for_count
+from tests.support.processes import run_cli
 
 
 def _env(settings: Settings, **extra: str) -> dict[str, str]:
@@ -26,36 +27,25 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-def _cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
-        env=_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 def test_keys_create_list_revoke(settings: Settings) -> None:
-    created = _cli(settings, "keys", "create", "--entity", ENTITY, "--project", PROJECT)
+    created = run_cli(settings, "keys", "create", "--entity", ENTITY, "--project", PROJECT)
     assert created.returncode == 0, created.stderr
     secret = created.stdout.strip().splitlines()[-1]
     assert secret.startswith("si_")
     key_id = secret.split("_")[1]
 
-    listed = _cli(settings, "keys", "list", "--entity", ENTITY)
+    listed = run_cli(settings, "keys", "list", "--entity", ENTITY)
     assert key_id in listed.stdout
     assert PROJECT in listed.stdout
     assert secret.split("_", 2)[2] not in listed.stdout
 
-    assert _cli(settings, "keys", "revoke", key_id).returncode == 0
-    assert _cli(settings, "keys", "revoke", "0000000000000000").returncode == 1
+    assert run_cli(settings, "keys", "revoke", key_id).returncode == 0
+    assert run_cli(settings, "keys", "revoke", "0000000000000000").returncode == 1
 
 
 def test_topology_is_idempotent(settings: Settings) -> None:
     for _ in range(2):
-        result = _cli(settings, "topology")
+        result = run_cli(settings, "topology")
         assert result.returncode == 0, result.stderr
 
 

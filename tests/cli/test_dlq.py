@@ -9,7 +9,6 @@ headers the worker writes.
 import asyncio
 import json
 import signal
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,9 +28,9 @@ from shared.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE, QUEUE, ROUT
 from tests.conftest import ENTITY, PROJECT, basic_auth
 from tests.support.messages import to_amqp_message
 from tests.support.processes import (
-    REPO_ROOT,
     Broker,
     CliProcess,
+    cli_run,
     connect_broker,
     running_worker,
     score_message,
@@ -39,7 +38,6 @@ from tests.support.processes import (
 )
 from worker.worker import ScoreWorker
 
-CLI_TIMEOUT_SECONDS = 60.0
 COUNT_SCORES = "SELECT count(*) FROM scores"
 OTHER_ENTITY = "globex"
 OTHER_PROJECT = "bench"
@@ -81,30 +79,8 @@ async def dlq(
     env.pop("COLUMNS", None)
     if columns is not None:
         env["COLUMNS"] = str(columns)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cli",
-        "dlq",
-        *args,
-        cwd=REPO_ROOT,
-        env=env,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(
-            process.communicate(stdin.encode() if stdin is not None else None),
-            CLI_TIMEOUT_SECONDS,
-        )
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return CliResult(args, process.returncode, stdout.decode(), stderr.decode())
+    done = await cli_run(env, "dlq", *args, stdin=stdin)
+    return CliResult(args, done.returncode, done.stdout, done.stderr)
 
 
 async def dlq_ok(

@@ -7,16 +7,18 @@ kept and printed on the way out, so a failing test shows what the process said.
 
 import asyncio
 import codecs
+import concurrent.futures
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -39,6 +41,7 @@ from shared.topology import (
     declare_topology,
 )
 from tests.conftest import ENTITY, PROJECT, client_for, running_app
+from tests.support import cli_child
 from tests.support.messages import to_amqp_message
 from worker.worker import ScoreWorker
 
@@ -63,17 +66,160 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """`python -m cli <args>` with these settings, run to its end, its output captured."""
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *args],
-        cwd=REPO_ROOT,
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_SECONDS,
-        check=False,
+# One fork server per test process, started on first use (tests/support/cli_child.py).
+_FORK_SERVER = multiprocessing.get_context("forkserver")
+_FORK_SERVER.set_forkserver_preload([cli_child.__name__])
+
+
+class CliChild:
+    """`python -m cli <args>`, forked by start_cli: what the tests use of an asyncio subprocess."""
+
+    def __init__(
+        self,
+        process: multiprocessing.process.BaseProcess,
+        stdout: asyncio.StreamReader,
+        stderr: asyncio.StreamReader | None,
+        stdin: int | None,
+    ) -> None:
+        self._process = process
+        self.stdout = stdout
+        self.stderr = stderr
+        self._stdin = stdin
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        pid = self._process.pid
+        assert pid is not None
+        return pid
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code (negative: killed by that signal), or None while it runs."""
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        """Send a signal to the child, unless it has exited (its pid may be another's now)."""
+        if self.returncode is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the child."""
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        """Wait for the child to exit; its exit code."""
+        if self.returncode is None:
+            loop = asyncio.get_running_loop()
+            exited = asyncio.Event()
+            sentinel = self._process.sentinel
+            loop.add_reader(sentinel, exited.set)
+            try:
+                await exited.wait()
+            finally:
+                loop.remove_reader(sentinel)
+        self._process.join()
+        code = self._process.exitcode
+        assert code is not None
+        return code
+
+    async def communicate(self, stdin: bytes | None = None) -> tuple[bytes, bytes]:
+        """Write stdin (then close it), read stdout and stderr to their ends, wait for the exit."""
+        if self._stdin is not None:
+            await asyncio.to_thread(_write_and_close, self._stdin, stdin or b"")
+            self._stdin = None
+        assert self.stderr is not None, "stderr goes into stdout"
+        out, err, _ = await asyncio.gather(self.stdout.read(), self.stderr.read(), self.wait())
+        return out, err
+
+
+async def start_cli(
+    args: Sequence[str],
+    env: dict[str, str],
+    *,
+    stdin: bool = False,
+    stderr_into_stdout: bool = False,
+) -> CliChild:
+    """Start `python -m cli args` with exactly this environment, in the repository's root,
+    in a session of its own; stdin a pipe (else /dev/null), stdout and stderr pipes.
+
+    Forked from a server that has imported the CLI (tests/support/cli_child.py): the same
+    process `python -m cli` is, for a tenth of its CPU."""
+    loop = asyncio.get_running_loop()
+    child_ends: list[Connection] = []
+    readers: list[asyncio.StreamReader] = []
+    for _ in range(1 if stderr_into_stdout else 2):
+        read_end, write_end = os.pipe()
+        child_ends.append(Connection(write_end, readable=False))
+        reader = asyncio.StreamReader(limit=_OUTPUT_CHUNK_BYTES)
+        await loop.connect_read_pipe(
+            partial(asyncio.StreamReaderProtocol, reader),
+            open(read_end, "rb", buffering=0),  # noqa: SIM115  (the transport closes it)
+        )
+        readers.append(reader)
+    stdin_end: Connection | None = None
+    stdin_writer: int | None = None
+    if stdin:
+        read_end, stdin_writer = os.pipe()
+        stdin_end = Connection(read_end, writable=False)
+    process = _FORK_SERVER.Process(
+        target=cli_child.become_cli,
+        args=(
+            list(args),
+            env,
+            str(REPO_ROOT),
+            stdin_end,
+            child_ends[0],
+            child_ends[1] if len(child_ends) > 1 else None,
+        ),
+        daemon=True,
     )
+    try:
+        # In a thread: the first start of a test process waits for the server's imports.
+        await asyncio.to_thread(process.start)
+    finally:
+        # The child has its own copies now; ours would keep the pipes open after it exits.
+        for end in (*child_ends, stdin_end):
+            if end is not None:
+                end.close()
+    return CliChild(process, readers[0], readers[1] if len(readers) > 1 else None, stdin_writer)
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    try:
+        with open(fd, "wb", closefd=False) as pipe, contextlib.suppress(BrokenPipeError):
+            pipe.write(data)
+    finally:
+        os.close(fd)
+
+
+async def cli_run(
+    env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m cli <args>` with this environment, run to its end (a minute at most)."""
+    child = await start_cli(args, env, stdin=stdin is not None)
+    try:
+        stdout, stderr = await asyncio.wait_for(
+            child.communicate(stdin.encode() if stdin is not None else None), CLI_TIMEOUT_SECONDS
+        )
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    code = child.returncode
+    assert code is not None
+    return subprocess.CompletedProcess(
+        ["python", "-m", "cli", *args], code, stdout.decode(), stderr.decode()
+    )
+
+
+def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m cli <args>` with these settings, run to its end, its output captured.
+
+    Blocking, as subprocess.run is, wherever it is called: on a thread of its own, which has
+    no event loop running."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as thread:
+        return thread.submit(asyncio.run, cli_run(settings_env(settings), *args)).result()
 
 
 def free_port() -> int:
@@ -91,7 +237,7 @@ class CliProcess:
         self.name = name
         self._args = list(args)
         self._env = settings_env(settings)
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: CliChild | None = None
         self._reader: asyncio.Task[None] | None = None
         self._chunks: list[str] = []
         self._new_output = asyncio.Event()
@@ -113,18 +259,7 @@ class CliProcess:
 
     async def start(self) -> None:
         """Start the child; it gets its own session, so a Ctrl-C in pytest does not reach it."""
-        self._process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "cli",
-            *self._args,
-            cwd=REPO_ROOT,
-            env=self._env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self._process = await start_cli(self._args, self._env, stderr_into_stdout=True)
         self._reader = asyncio.create_task(self._collect_output(self._process))
 
     async def wait_for_output(self, text: str, timeout: float = START_TIMEOUT_SECONDS) -> None:
@@ -192,16 +327,15 @@ class CliProcess:
             print(f"----- output of {self.name} (exit {self._process.returncode}) -----")
             print(self.output)
 
-    def _running(self) -> asyncio.subprocess.Process:
+    def _running(self) -> CliChild:
         if self._process is None:
             raise RuntimeError(f"{self.name} was never started")
         return self._process
 
-    async def _collect_output(self, process: asyncio.subprocess.Process) -> None:
+    async def _collect_output(self, process: CliChild) -> None:
         # In chunks, not lines: a line longer than the stream's limit (a `dlq export` of a
         # large letter is one line) would end a readline loop and leave the pipe undrained,
         # the child blocked on writing and its exit never seen.
-        assert process.stdout is not None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while chunk := await process.stdout.read(_OUTPUT_CHUNK_BYTES):
             self._chunks.append(decoder.decode(chunk))
