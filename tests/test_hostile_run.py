@@ -39,6 +39,7 @@ WORKER_BUDGET_BYTES = 64 * MIB
 API_RSS_LIMIT_BYTES = 200 * 1000 * 1000
 WORKER_RSS_MARGIN_BYTES = 100 * 1000 * 1000
 PROMPT_SECONDS = 1.0
+DEADLINE_SECONDS = ATTACK_SECONDS / 2
 
 
 class PeakMemory:
@@ -96,7 +97,15 @@ async def test_a_hostile_run_harms_no_other_score_or_tenant(
     settings: Settings, db: asyncpg.Connection, api_key: str, tmp_path: Path
 ) -> None:
     _, attacker_key = await create_key(db, ATTACKER, name="mallory")
-    hostile = settings.model_copy(update={"worker_prefetch_bytes": WORKER_BUDGET_BYTES})
+    hostile = settings.model_copy(
+        update={
+            "worker_prefetch_bytes": WORKER_BUDGET_BYTES,
+            # Shorter than the attack, so that every slow client is cut while it lasts.
+            "http_header_timeout_seconds": DEADLINE_SECONDS,
+            "http_body_timeout_seconds": DEADLINE_SECONDS,
+            "list_send_timeout_seconds": DEADLINE_SECONDS,
+        }
+    )
     async with (
         api_process(hostile) as api,
         worker_process(hostile) as worker,

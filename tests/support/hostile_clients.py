@@ -31,7 +31,7 @@ from tests.support.processes import connect_broker, score_message
 from tests.support.raw_amqp import field_table, long_string, nested_table, publish_raw, raw_message
 
 ATTACKER = "mallory"
-ATTACK_SECONDS = 12.0
+ATTACK_SECONDS = 6.0
 
 
 async def _hold_connections(
