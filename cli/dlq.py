@@ -21,7 +21,13 @@ from cli._dead_letters import DeadLetter, DeadLetterQueue, Filter, open_dead_let
 from shared.settings import get_settings
 
 app = typer.Typer(help="Inspect and act on dead letters in scores.dead.", no_args_is_help=True)
-console = Console(stderr=True)
+
+
+def _console() -> Console:
+    """Messages and progress go to stderr. Made when a command runs, not at import: Rich
+    reads the environment (COLUMNS, NO_COLOR) when a Console is made."""
+    return Console(stderr=True)
+
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -88,7 +94,7 @@ async def _pass(
     done = 0
     async with open_dead_letters(get_settings()) as dead:
         action = act(dead)
-        with Progress(console=console, transient=True) as progress:
+        with Progress(console=_console(), transient=True) as progress:
             task = progress.add_task(description, total=dead.total)
             async for message, letter in dead.browse(
                 selection, limit, lambda: progress.advance(task)
@@ -161,7 +167,7 @@ def list_(
         table.add_row(*row)
     # Piped output gets a wide console, so ids are never cut (they feed `dlq show`).
     Console(width=None if sys.stdout.isatty() else 250).print(table)
-    console.print(f"{len(rows)} dead letter(s)")
+    _console().print(f"{len(rows)} dead letter(s)")
 
 
 @app.command()
@@ -170,7 +176,7 @@ def show(dead_letter_id: Annotated[str, typer.Argument(help="An id from `dlq lis
     found: list[DeadLetter] = []
     asyncio.run(_pass(Filter(id=dead_letter_id), 1, _collector(found.append), "searching"))
     if not found:
-        console.print(f"no dead letter {printable(dead_letter_id)}", markup=False)
+        _console().print(f"no dead letter {printable(dead_letter_id)}", markup=False)
         raise typer.Exit(1)
     typer.echo(json.dumps(found[0].to_json(escaped_body=True), indent=2))
 
@@ -206,7 +212,7 @@ def export(
     else:
         with file.open("w") as out:
             count = asyncio.run(_pass(selection, limit, _writer(out), "exporting"))
-    console.print(f"exported {count} dead letter(s)")
+    _console().print(f"exported {count} dead letter(s)")
 
 
 @app.command()
@@ -232,7 +238,7 @@ def replay(
 
     selection = _filter(reason, entity, project, older_than, newer_than, dead_letter_id)
     count = asyncio.run(_pass(selection, _limit(limit, dead_letter_id), act, "replaying"))
-    console.print(f"{'would replay' if dry_run else 'replayed'} {count} dead letter(s)")
+    _console().print(f"{'would replay' if dry_run else 'replayed'} {count} dead letter(s)")
 
 
 @app.command()
@@ -270,4 +276,4 @@ def purge(
     finally:
         if out is not None:
             out.close()
-    console.print(f"purged {count} dead letter(s)")
+    _console().print(f"purged {count} dead letter(s)")

@@ -7,8 +7,8 @@ module, and with it everything the commands import, once. The child then becomes
 `python -m cli <args>` would be: a process of its own, with its own session, environment,
 working directory, standard streams, exit code and signal handlers.
 
-What it cannot be is a process whose imports saw its own environment: nothing the CLI
-imports may read the environment at import time (settings are read when a command runs).
+What it cannot be is a process whose imports saw its own environment: so our modules read
+the environment only when a command runs (settings, Rich's consoles), never at import.
 
 This module is imported by the server, so it imports the CLI and what its commands import,
 and nothing of the tests.
