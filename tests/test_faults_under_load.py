@@ -208,11 +208,19 @@ async def test_postgres_cut_under_load_keeps_the_api_accepting_and_the_worker_ca
     assert_only_200s(load)
 
 
-@pytest.fixture
-def own_node() -> Iterator[RabbitMQNode]:
-    """A RabbitMQ node of this test's own, to stop and start."""
-    with rabbitmq_node() as node:
+@pytest.fixture(scope="module", autouse=True)
+def booting_node() -> Iterator[RabbitMQNode]:
+    """A RabbitMQ node of this module's own, started with the module's first test: it boots
+    (5-10 s) while the tests before the one that stops and starts it run."""
+    with rabbitmq_node(booted=False) as node:
         yield node
+
+
+@pytest.fixture
+def own_node(booting_node: RabbitMQNode) -> RabbitMQNode:
+    """The module's node, once it has booted."""
+    booting_node.wait_until_booted()
+    return booting_node
 
 
 async def test_broker_restarted_under_load_gets_prompt_503s_then_stores_every_200(

@@ -71,6 +71,7 @@ class RabbitMQNode:
         self.directory = directory
         self.vhost = vhost
         self.memory_alarm = False
+        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def amqp_url(self) -> str:
@@ -138,6 +139,22 @@ class RabbitMQNode:
         await self.ctl("start_app")
         await self.wait_until_listening()
 
+    def wait_until_booted(self) -> None:
+        """Wait for the AMQP port: RabbitMQ opens its listeners last, once the node has booted.
+        (`rabbitmqctl await_startup` would say the same for a second of CPU.)"""
+        assert self.process is not None, "the node was never started"
+        deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
+        while not port_open("127.0.0.1", self.amqp_port):
+            if self.process.poll() is not None:
+                raise self.failure(
+                    f"rabbitmq-server exited with {self.process.returncode} while booting"
+                )
+            if time.monotonic() > deadline:
+                raise self.failure(
+                    f"did not accept AMQP connections within {BOOT_TIMEOUT_SECONDS}s"
+                )
+            time.sleep(0.1)
+
     async def wait_until_listening(self, timeout: float = BOOT_TIMEOUT_SECONDS) -> None:
         """Poll the AMQP port until it accepts connections."""
         loop = asyncio.get_running_loop()
@@ -194,11 +211,14 @@ class RabbitMQNode:
 
 
 @contextlib.contextmanager
-def rabbitmq_node(tls: NodeTls | None = None, vhost: str = "/") -> Iterator[RabbitMQNode]:
+def rabbitmq_node(
+    tls: NodeTls | None = None, vhost: str = "/", *, booted: bool = True
+) -> Iterator[RabbitMQNode]:
     """Boot a fresh node, yield it once it has started, then stop it and remove its files.
 
     Its one vhost is `vhost` (RabbitMQ's default_vhost, where guest may do anything). With
-    tls, it also listens for AMQP over TLS (`amqps_url`).
+    tls, it also listens for AMQP over TLS (`amqps_url`). With booted False it is yielded
+    as soon as it is started, to boot while other work goes on; `wait_until_booted` waits.
 
     Synchronous, so that a module-scoped fixture can share one node (booting takes 5-10 s);
     the node's own methods are async, so that controlling it never stalls a test's event
@@ -232,7 +252,9 @@ def rabbitmq_node(tls: NodeTls | None = None, vhost: str = "/") -> Iterator[Rabb
                 # Its own process group, so that cleanup can end the node and nothing else.
                 start_new_session=True,
             )
-        _wait_until_booted(node, process)
+        node.process = process
+        if booted:
+            node.wait_until_booted()
         yield node
     finally:
         if process is not None:
@@ -305,18 +327,6 @@ def _node_environment(node: RabbitMQNode, account: pwd.struct_passwd) -> dict[st
             "RABBITMQ_DIST_PORT": str(free_port()),
         },
     )
-
-
-def _wait_until_booted(node: RabbitMQNode, process: subprocess.Popen[bytes]) -> None:
-    """Wait for the AMQP port: RabbitMQ opens its listeners last, once the node has booted.
-    (`rabbitmqctl await_startup` would say the same for a second of CPU.)"""
-    deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
-    while not port_open("127.0.0.1", node.amqp_port):
-        if process.poll() is not None:
-            raise node.failure(f"rabbitmq-server exited with {process.returncode} while booting")
-        if time.monotonic() > deadline:
-            raise node.failure(f"did not accept AMQP connections within {BOOT_TIMEOUT_SECONDS}s")
-        time.sleep(0.1)
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
