@@ -25,7 +25,8 @@ run: install-runtime
 	$(BIN)/score-ingest run
 
 # Tests (README "Testing"): everything but the serial and cluster tests in parallel, each
-# pytest-xdist worker with a database and a vhost of its own, then the serial tests (they load
+# pytest-xdist worker with a database and a vhost of its own (the tests on the tests' own
+# RabbitMQ node in one worker: --dist loadgroup), then the serial tests (they load
 # the whole machine) one at a time. Both passes run whatever the first gives; exit 5 is a pass
 # that PYTEST_ARGS left without tests. A run starts hundreds of Python processes: they keep
 # their bytecode even where PYTHONDONTWRITEBYTECODE is set. The cluster tests (nodes of their
@@ -35,7 +36,7 @@ TEST_WORKERS ?= 4
 test: export PYTHONDONTWRITEBYTECODE :=
 test: install
 	@status=0; \
-	$(BIN)/python -m pytest -m "not serial and not cluster" -n $(TEST_WORKERS) $(PYTEST_ARGS) || status=$$?; \
+	$(BIN)/python -m pytest -m "not serial and not cluster" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS) || status=$$?; \
 	[ $$status -eq 5 ] && status=0; \
 	$(BIN)/python -m pytest -m "serial and not cluster" $(PYTEST_ARGS) || { code=$$?; [ $$code -eq 5 ] || status=$$code; }; \
 	exit $$status

@@ -28,7 +28,7 @@ import socket
 import types
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aio_pika
 import asyncpg
@@ -39,9 +39,10 @@ from fastapi import FastAPI
 from api.app import create_app
 from api.keys import create_key
 from shared.db import migrate
-from shared.settings import Settings
-from shared.topology import declare_topology
+from shared.settings import MIB, Settings
+from shared.topology import DEAD_LETTER_QUEUE, declare_topology, persist_queues
 from tests.support.otlp import OtlpReceiver, otlp_receiver
+from tests.support.rabbitmq_node import NodeTls, RabbitMQNode, rabbitmq_node
 from tests.support.services import (
     VhostFactory,
     delete_topology,
@@ -49,6 +50,7 @@ from tests.support.services import (
     rabbitmq_vhosts,
     scratch_database,
 )
+from tests.support.tls import Pki, make_pki
 from worker.worker import ScoreWorker
 
 ENTITY = "acme"
@@ -71,6 +73,10 @@ CLUSTER_DIRECTORY = "tests/cluster/"
 SERVICE_URL_VARIABLES = ("TEST_DATABASE_URL", "TEST_AMQP_URL", "DATABASE_URL", "AMQP_URL")
 SERVICE_PORTS = frozenset({5432, 5672})
 UNIT_ONLY = pytest.StashKey[bool]()
+# The tests on the own RabbitMQ node run in one pytest-xdist worker (`--dist loadgroup`).
+OWN_NODE_GROUP = "own_node"
+OWN_NODE_MAX_MESSAGE_BYTES = 4 * MIB
+TLS_CLIENT_NAME = "score-ingest-test-client"
 
 
 def _names_used(function: Callable[..., Any]) -> set[str]:
@@ -121,6 +127,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         loads_machine = in_cluster or _module(item) in MACHINE_LOADING_MODULES
         if loads_machine and not item.get_closest_marker("serial"):
             item.add_marker("serial")
+        if "own_node" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(OWN_NODE_GROUP))
     # The cluster tests last: their RabbitMQ cluster lives for the session (tests/cluster/
     # conftest.py), and its three idle nodes would take CPU from the serial tests after them,
     # whose clients must be answered within a second (a hostile run failed so: 1.16 s).
@@ -264,6 +272,59 @@ async def bare_vhost(settings: Settings) -> AsyncIterator[str]:
     await delete_topology(settings.amqp_url, settings)
     yield settings.amqp_url
     await delete_topology(settings.amqp_url, settings)
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A CA of the tests' own, which the own RabbitMQ node's TLS listener trusts, and more."""
+    return make_pki(tmp_path_factory.mktemp("pki"), TLS_CLIENT_NAME)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_node_of_our_own(amqp_url: str, pki: Pki) -> Iterator[RabbitMQNode]:
+    """One RabbitMQ node for the tests that stop a broker, raise an alarm on it, reach it
+    over TLS or meet a smaller max_message_size (tests/support/rabbitmq_node.py): booted
+    once per test process (5-10 s, 5 s of CPU), and every such test runs in one pytest-xdist
+    worker (`own_node` puts it in the xdist group OWN_NODE_GROUP). Its one vhost has the
+    name of the session's own, so a URL may list it beside the machine's broker."""
+    server = pki.ca.issue_server("rabbitmq-test-node")
+    with rabbitmq_node(
+        NodeTls(pki.ca.cert_file, server.cert_file, server.key_file),
+        vhost=unquote(urlsplit(amqp_url).path[1:]) or "/",
+        max_message_bytes=OWN_NODE_MAX_MESSAGE_BYTES,
+    ) as node:
+        yield node
+
+
+@pytest.fixture
+async def own_node(
+    rabbitmq_node_of_our_own: RabbitMQNode, settings: Settings
+) -> AsyncIterator[RabbitMQNode]:
+    """The tests' own RabbitMQ node, as if new: running, no alarm, no topology; so again
+    after the test, whatever it did to the node."""
+    node = rabbitmq_node_of_our_own
+    await delete_topology(node.amqp_url, settings)
+    yield node
+    if not node.running:
+        await node.start_app()
+        await _wait_for_leaders(node.amqp_url, settings)
+    if node.memory_alarm:
+        await node.clear_memory_alarm()
+
+
+async def _wait_for_leaders(amqp_url: str, settings: Settings) -> None:
+    """Wait until each queue of the topology has elected a leader again after a restart: on
+    RabbitMQ 3.10, deleting a quorum queue before then crashes its vhost. Only a leader
+    answers a basic.get (what it takes is deleted with the queue)."""
+    connection = await aio_pika.connect(amqp_url, timeout=10)
+    async with connection:
+        channel = await connection.channel()
+        for name in (*persist_queues(settings), DEAD_LETTER_QUEUE):
+            with contextlib.suppress(aio_pika.exceptions.ChannelNotFoundEntity):
+                queue = await channel.declare_queue(name, passive=True)
+                await queue.get(no_ack=True, fail=False, timeout=30)
+            if channel.is_closed:
+                channel = await connection.channel()
 
 
 @pytest.fixture

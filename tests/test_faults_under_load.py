@@ -217,17 +217,17 @@ def booting_node() -> Iterator[RabbitMQNode]:
 
 
 @pytest.fixture
-def own_node(booting_node: RabbitMQNode) -> RabbitMQNode:
+def booted_node(booting_node: RabbitMQNode) -> RabbitMQNode:
     """The module's node, once it has booted."""
     booting_node.wait_until_booted()
     return booting_node
 
 
 async def test_broker_restarted_under_load_gets_prompt_503s_then_stores_every_200(
-    settings: Settings, own_node: RabbitMQNode, db: asyncpg.Connection, api_key: str
+    settings: Settings, booted_node: RabbitMQNode, db: asyncpg.Connection, api_key: str
 ) -> None:
     loop = asyncio.get_running_loop()
-    on_node = settings.model_copy(update={"amqp_url": own_node.amqp_url})
+    on_node = settings.model_copy(update={"amqp_url": booted_node.amqp_url})
     async with (
         api_process(on_node) as api,
         worker_process(on_node) as worker,
@@ -235,12 +235,12 @@ async def test_broker_restarted_under_load_gets_prompt_503s_then_stores_every_20
     ):
         async with LoadGenerator(api.base_url, api_key) as load:
             await wait_for_rows(db, at_least=100)
-            await own_node.stop_app()
+            await booted_node.stop_app()
             stopped = loop.time()
             down_readyz = (await probe.get("/readyz")).status_code
             await asyncio.sleep(BROKER_DOWN_SECONDS)
             starting = loop.time()
-            await own_node.start_app()
+            await booted_node.start_app()
             await load.wait_for_accepted(100, since=loop.time())
         assert api.process.returncode is None, "the api process did not survive the restart"
         down = [o for o in load.sent_since(stopped) if o.answered < starting]

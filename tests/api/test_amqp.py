@@ -18,7 +18,7 @@ import struct
 import uuid
 import warnings
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from types import TracebackType
 from typing import Any, Self
@@ -47,8 +47,9 @@ from api.errors import BrokerUnavailable
 from api.publisher import ScorePublisher
 from shared.settings import Settings
 from shared.topology import QUEUE
-from tests.support.processes import CliProcess, free_port
-from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
+from tests.support.processes import CliProcess
+from tests.support.rabbitmq_node import RabbitMQNode
+from tests.support.services import free_port
 from tests.support.tcp_proxy import TcpProxy
 
 PROPERTIES = MessageProperties("application/json", "amqp-test.v1", "amqp-tests")
@@ -930,13 +931,7 @@ def test_publishing_works_on_uvloop(amqp_url: str) -> None:
         runner.run(scenario())
 
 
-# 11. Blocked by a resource alarm (a node of this module's own)
-
-
-@pytest.fixture(scope="module")
-def own_node() -> Iterator[RabbitMQNode]:
-    with rabbitmq_node() as node:
-        yield node
+# 11. Blocked by a resource alarm (on the tests' own node, `own_node`)
 
 
 async def test_a_memory_alarm_fails_in_flight_publishes_and_refuses_new_ones_until_it_clears(

@@ -1,14 +1,12 @@
-"""Broker connections over TLS (`amqps://`), against a RabbitMQ node of this module's own.
+"""Broker connections over TLS (`amqps://`), against the tests' own RabbitMQ node.
 
-The node listens for TLS with a certificate of a CA the tests make (tests/support/tls.py)
+The node listens for TLS with a certificate of a CA the tests make (`pki`, tests/support/tls.py)
 and verifies a client certificate when one is shown. Another CA, the impostor, signs
 nothing the node trusts.
 """
 
 import ssl
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,39 +18,20 @@ import pytest
 from api.amqp import ConfirmingPublisher, MessageProperties, PublishFailed
 from shared.broker import tls_context
 from shared.settings import Settings
-from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, wait_for_count
+from tests.conftest import (
+    ENTITY,
+    PROJECT,
+    TLS_CLIENT_NAME,
+    basic_auth,
+    score_body,
+    wait_for_count,
+)
 from tests.support.processes import api_process, worker_process
-from tests.support.rabbitmq_node import NodeTls, RabbitMQNode, rabbitmq_node
-from tests.support.tls import CertificateAuthority, CertificateFiles
+from tests.support.rabbitmq_node import RabbitMQNode
+from tests.support.tls import CertificateFiles, Pki
 
-CLIENT_NAME = "score-ingest-test-client"
 PROPERTIES = MessageProperties("application/json", "tls-test.v1", "tls-tests")
 SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
-
-
-@dataclass(frozen=True)
-class Pki:
-    """The node's CA and a client certificate it signed; an impostor CA and its client."""
-
-    ca: CertificateAuthority
-    client: CertificateFiles
-    impostor: CertificateAuthority
-    impostor_client: CertificateFiles
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = CertificateAuthority(directory, "score-ingest-test-ca")
-    impostor = CertificateAuthority(directory, "impostor-ca")
-    return Pki(ca, ca.issue_client(CLIENT_NAME), impostor, impostor.issue_client("impostor"))
-
-
-@pytest.fixture(scope="module")
-def tls_node(pki: Pki) -> Iterator[RabbitMQNode]:
-    server = pki.ca.issue_server("rabbitmq-test-node")
-    with rabbitmq_node(NodeTls(pki.ca.cert_file, server.cert_file, server.key_file)) as node:
-        yield node
 
 
 def context(ca_file: Path, client: CertificateFiles | None = None) -> ssl.SSLContext:
@@ -76,13 +55,13 @@ async def tls_connections(node: RabbitMQNode) -> list[tuple[str, str]]:
 
 
 async def test_the_api_and_the_worker_carry_a_score_over_tls(
-    settings: Settings, tls_node: RabbitMQNode, pki: Pki, db: asyncpg.Connection, api_key: str
+    settings: Settings, own_node: RabbitMQNode, pki: Pki, db: asyncpg.Connection, api_key: str
 ) -> None:
     # Built anew, not copied: the settings' own checks run on the TLS files.
     over_tls = Settings(
         **{
             **settings.model_dump(),
-            "amqp_url": tls_node.amqps_url,
+            "amqp_url": own_node.amqps_url,
             "amqp_ca_file": pki.ca.cert_file,
             "amqp_cert_file": pki.client.cert_file,
             "amqp_key_file": pki.client.key_file,
@@ -100,23 +79,23 @@ async def test_the_api_and_the_worker_carry_a_score_over_tls(
         query = "SELECT count(*) FROM scores WHERE score_id = $1"
         assert await wait_for_count(db, query, 1, score_id) == 1
         # The api's publisher and the worker's connections, each with the client certificate.
-        connections = await tls_connections(tls_node)
+        connections = await tls_connections(own_node)
     assert len(connections) >= 3, connections
-    assert set(connections) == {("true", f"CN={CLIENT_NAME}")}
+    assert set(connections) == {("true", f"CN={TLS_CLIENT_NAME}")}
 
 
 async def test_a_publisher_trusting_the_ca_alone_publishes_over_tls(
-    tls_node: RabbitMQNode, pki: Pki
+    own_node: RabbitMQNode, pki: Pki
 ) -> None:
     tls = context(pki.ca.cert_file)
     queue_name = f"tls-test-{uuid.uuid4().hex[:10]}"
-    connection = await aio_pika.connect(tls_node.amqps_url, ssl_context=tls, timeout=10)
+    connection = await aio_pika.connect(own_node.amqps_url, ssl_context=tls, timeout=10)
     async with connection:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, auto_delete=True)
-        publisher = await connect(tls_node.amqps_url, tls)
+        publisher = await connect(own_node.amqps_url, tls)
         try:
-            assert await tls_connections(tls_node) == [("true", ""), ("true", "")]
+            assert await tls_connections(own_node) == [("true", ""), ("true", "")]
             body = b'{"over": "tls"}'
             await publisher.publish(
                 "", queue_name, body, PROPERTIES, message_id="tls-1", timestamp=datetime.now(UTC)
@@ -130,42 +109,42 @@ async def test_a_publisher_trusting_the_ca_alone_publishes_over_tls(
 
 @pytest.mark.parametrize("trusting", ["impostor", "system"])
 async def test_a_broker_certificate_the_client_does_not_trust_is_refused_clearly(
-    tls_node: RabbitMQNode, pki: Pki, trusting: str
+    own_node: RabbitMQNode, pki: Pki, trusting: str
 ) -> None:
     # "system": no CA file, the system's CAs, which never signed the test's CA.
     tls = context(pki.impostor.cert_file) if trusting == "impostor" else None
     with pytest.raises(PublishFailed) as refused:
-        await connect(tls_node.amqps_url, tls)
+        await connect(own_node.amqps_url, tls)
     message = str(refused.value)
-    assert f"broker at 127.0.0.1:{tls_node.amqps_port} is not trusted" in message
+    assert f"broker at 127.0.0.1:{own_node.amqps_port} is not trusted" in message
     # Why, as OpenSSL says: the node sends its CA with its certificate, trusted by no one here.
     assert "(self-signed certificate in certificate chain)" in message
     assert "AMQP_CA_FILE must hold the CA that signed it" in message
 
 
 async def test_the_api_says_why_it_cannot_trust_the_broker_and_is_not_ready(
-    settings: Settings, tls_node: RabbitMQNode, pki: Pki
+    settings: Settings, own_node: RabbitMQNode, pki: Pki
 ) -> None:
     wrong_ca = Settings(
         **{
             **settings.model_dump(),
-            "amqp_url": tls_node.amqps_url,
+            "amqp_url": own_node.amqps_url,
             "amqp_ca_file": pki.impostor.cert_file,
         }
     )
     async with api_process(wrong_ca) as api, httpx.AsyncClient(base_url=api.base_url) as client:
         await api.process.wait_for_output(
-            f"the TLS certificate of the broker at 127.0.0.1:{tls_node.amqps_port} is not trusted"
+            f"the TLS certificate of the broker at 127.0.0.1:{own_node.amqps_port} is not trusted"
             " (self-signed certificate in certificate chain): AMQP_CA_FILE must hold the CA"
         )
         assert (await client.get("/readyz")).status_code == 503
 
 
 async def test_a_client_certificate_of_a_ca_the_broker_does_not_trust_is_refused(
-    tls_node: RabbitMQNode, pki: Pki
+    own_node: RabbitMQNode, pki: Pki
 ) -> None:
     with pytest.raises((PublishFailed, ssl.SSLError)) as refused:
-        await connect(tls_node.amqps_url, context(pki.ca.cert_file, pki.impostor_client))
+        await connect(own_node.amqps_url, context(pki.ca.cert_file, pki.impostor_client))
     assert "unknown ca" in str(refused.value).lower()
 
 

@@ -13,10 +13,9 @@ alarm needs a RabbitMQ node of the test's own, since the machine's node is share
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -34,7 +33,7 @@ from tests.conftest import (
     wait_for_count,
 )
 from tests.support.processes import connect_broker, running_worker, wait_until
-from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
+from tests.support.rabbitmq_node import RabbitMQNode
 
 SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
 PUBLISH_TIMEOUT_SECONDS = 5.0
@@ -194,29 +193,12 @@ async def test_a_full_queue_gets_prompt_503s_until_a_worker_drains_it(
         assert await broker.ready_count(DEAD_LETTER_QUEUE) == 0
 
 
-@pytest.fixture(scope="module")
-def own_node() -> Iterator[RabbitMQNode]:
-    """A RabbitMQ node of this module's own, for raising resource alarms."""
-    with rabbitmq_node() as node:
-        yield node
-
-
 @pytest.fixture
-async def alarm_settings(settings: Settings, own_node: RabbitMQNode) -> AsyncIterator[Settings]:
-    """Settings pointing at the own node, its queues deleted first; the alarm cleared after."""
-    on_node = settings.model_copy(
+def alarm_settings(settings: Settings, own_node: RabbitMQNode) -> Settings:
+    """Settings pointing at the tests' own node, where an alarm may be raised."""
+    return settings.model_copy(
         update={"amqp_url": own_node.amqp_url, "publish_timeout_seconds": PUBLISH_TIMEOUT_SECONDS}
     )
-    connection = await aio_pika.connect(on_node.amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for name in (QUEUE, DEAD_LETTER_QUEUE):
-            await channel.queue_delete(name)
-    try:
-        yield on_node
-    finally:
-        if own_node.memory_alarm:
-            await own_node.clear_memory_alarm()
 
 
 async def test_a_memory_alarm_gets_prompt_503s_and_unready_then_200s_once_it_clears(

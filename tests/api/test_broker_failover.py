@@ -14,8 +14,8 @@ from shared.broker import broker_nodes, node_address
 from shared.settings import Settings
 from shared.topology import QUEUE
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, serving
-from tests.support.processes import CliProcess, connect_broker, free_port
-from tests.support.services import with_nodes
+from tests.support.processes import CliProcess, connect_broker
+from tests.support.services import free_port, with_nodes
 from tests.support.tcp_proxy import TcpProxy
 
 SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"

@@ -47,7 +47,8 @@ from shared.settings import Settings
 from shared.topology import API_EXCHANGE, ROUTING_KEY
 from tests.api.test_health_and_metrics import SCORES_ROUTE, Samples, sample, scrape
 from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, score_body
-from tests.support.processes import api_process, free_port
+from tests.support.processes import api_process
+from tests.support.services import free_port
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"
 JSON_TYPE = {"Content-Type": "application/json"}

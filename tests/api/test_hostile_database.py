@@ -32,8 +32,9 @@ from tests.conftest import (
     score_body,
     serving,
 )
-from tests.support.processes import free_port, wait_until
+from tests.support.processes import wait_until
 from tests.support.rows import copy_scores
+from tests.support.services import free_port
 from tests.support.tcp_proxy import TcpProxy
 
 URL = f"/v2/{ENTITY}/{PROJECT}/scores"

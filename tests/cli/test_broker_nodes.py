@@ -4,8 +4,8 @@ import subprocess
 
 from shared.broker import broker_nodes, node_address
 from shared.settings import Settings
-from tests.support.processes import free_port, run_cli
-from tests.support.services import with_nodes
+from tests.support.processes import run_cli
+from tests.support.services import free_port, with_nodes
 
 
 def cli(settings: Settings, amqp_url: str, *args: str) -> subprocess.CompletedProcess[str]:

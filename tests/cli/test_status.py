@@ -20,11 +20,10 @@ from tests.support.processes import (
     CliProcess,
     api_process,
     connect_broker,
-    free_port,
     run_cli,
     worker_process,
 )
-from tests.support.services import with_nodes
+from tests.support.services import free_port, with_nodes
 
 SCORES_PATH = f"/v2/{ENTITY}/{PROJECT}/scores"
 NEWEST_STORED_AGE = """

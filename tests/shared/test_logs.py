@@ -20,7 +20,8 @@ import pytest
 from shared.logs import JsonFormatter, TextFormatter, configure_logging, request_id
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, bearer_auth, score_body
-from tests.support.processes import REPO_ROOT, api_process, free_port
+from tests.support.processes import REPO_ROOT, api_process
+from tests.support.services import free_port
 
 LOGGER = "tests.shared.logs"
 

@@ -12,7 +12,6 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from shared.topology import (
 from tests.conftest import ENTITY, PROJECT, client_for, running_app
 from tests.support import cli_child
 from tests.support.messages import to_amqp_message
+from tests.support.services import free_port
 from worker.worker import ScoreWorker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -220,14 +220,6 @@ def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     no event loop running."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as thread:
         return thread.submit(asyncio.run, cli_run(settings_env(settings), *args)).result()
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class CliProcess:

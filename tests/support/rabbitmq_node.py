@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from tests.support.processes import free_port
-from tests.support.services import port_open
+from tests.support.services import free_port, port_open
 
 RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"
 RABBITMQ_USER = "rabbitmq"
@@ -71,6 +70,7 @@ class RabbitMQNode:
         self.directory = directory
         self.vhost = vhost
         self.memory_alarm = False
+        self.running = True
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -132,12 +132,14 @@ class RabbitMQNode:
 
     async def stop_app(self) -> None:
         """Stop the RabbitMQ application: connections drop, the port closes, data stays."""
+        self.running = False
         await self.ctl("stop_app")
 
     async def start_app(self) -> None:
         """Start the application again and wait until it accepts AMQP connections."""
         await self.ctl("start_app")
         await self.wait_until_listening()
+        self.running = True
 
     def wait_until_booted(self) -> None:
         """Wait for the AMQP port: RabbitMQ opens its listeners last, once the node has booted.
@@ -212,12 +214,17 @@ class RabbitMQNode:
 
 @contextlib.contextmanager
 def rabbitmq_node(
-    tls: NodeTls | None = None, vhost: str = "/", *, booted: bool = True
+    tls: NodeTls | None = None,
+    vhost: str = "/",
+    *,
+    max_message_bytes: int | None = None,
+    booted: bool = True,
 ) -> Iterator[RabbitMQNode]:
     """Boot a fresh node, yield it once it has started, then stop it and remove its files.
 
     Its one vhost is `vhost` (RabbitMQ's default_vhost, where guest may do anything). With
-    tls, it also listens for AMQP over TLS (`amqps_url`). With booted False it is yielded
+    tls, it also listens for AMQP over TLS (`amqps_url`); max_message_bytes lowers RabbitMQ's
+    max_message_size (128 MiB by default). With booted False it is yielded
     as soon as it is started, to boot while other work goes on; `wait_until_booted` waits.
 
     Synchronous, so that a module-scoped fixture can share one node (booting takes 5-10 s);
@@ -234,6 +241,8 @@ def rabbitmq_node(
     try:
         (directory / "enabled_plugins").write_text("[].\n")
         config = f"listeners.tcp.default = 127.0.0.1:{amqp_port}\ndefault_vhost = {vhost}\n"
+        if max_message_bytes is not None:
+            config += f"max_message_size = {max_message_bytes}\n"
         if tls is not None:
             config += _tls_config(node, tls)
         (directory / "node.conf").write_text(config)

@@ -38,6 +38,14 @@ def port_open(host: str, port: int) -> bool:
     return False
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def docker_available() -> bool:
     """Whether a Docker engine answers (a contributor's laptop, not CI)."""
     if shutil.which("docker") is None:

@@ -123,3 +123,21 @@ class CertificateAuthority:
         files.cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
         _write_key(key, files.key_file)
         return files
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A CA and a client certificate it signed; an impostor CA, which signs nothing a server
+    of the tests trusts, and a client certificate of its own."""
+
+    ca: CertificateAuthority
+    client: CertificateFiles
+    impostor: CertificateAuthority
+    impostor_client: CertificateFiles
+
+
+def make_pki(directory: Path, client_name: str) -> Pki:
+    """A Pki in directory; the client certificate names client_name."""
+    ca = CertificateAuthority(directory, "score-ingest-test-ca")
+    impostor = CertificateAuthority(directory, "impostor-ca")
+    return Pki(ca, ca.issue_client(client_name), impostor, impostor.issue_client("impostor"))

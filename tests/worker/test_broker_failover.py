@@ -6,9 +6,8 @@ and, to be stopped, a node of the test's own beside it (the api moves on with th
 """
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import httpx
@@ -18,9 +17,9 @@ from aio_pika import RobustConnection
 from shared.broker import broker_nodes, connect_until_ready, node_address
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT, basic_auth, score_body, serving, wait_for_count
-from tests.support.processes import connect_broker, free_port, running_worker, score_message
-from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
-from tests.support.services import with_nodes
+from tests.support.processes import connect_broker, running_worker, score_message
+from tests.support.rabbitmq_node import RabbitMQNode
+from tests.support.services import free_port, with_nodes
 from tests.support.tcp_proxy import TcpProxy
 from worker.worker import ScoreWorker
 
@@ -125,13 +124,6 @@ async def test_a_robust_connection_reconnects_to_the_next_node(settings: Setting
             assert queue.name
         finally:
             await connection.close()
-
-
-@pytest.fixture
-def own_node(settings: Settings) -> Iterator[RabbitMQNode]:
-    """A node of this test's own, with a vhost of the same name as the session's."""
-    with rabbitmq_node(vhost=unquote(urlsplit(settings.amqp_url).path[1:]) or "/") as node:
-        yield node
 
 
 async def test_the_api_and_the_worker_move_on_when_their_node_stops(

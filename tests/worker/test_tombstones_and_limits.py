@@ -8,7 +8,6 @@ RabbitMQ node of their own, whose max_message_size they lower.
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,10 +27,11 @@ from shared.contract import (
 )
 from shared.dead_letters import DETAIL_HEADER, REASON_HEADER, DeadLetterReason
 from shared.ids import new_score_id
-from shared.settings import MIB, Settings
+from shared.settings import Settings
 from shared.topology import API_EXCHANGE, DEAD_LETTER_QUEUE, QUEUE
 from tests.conftest import (
     ENTITY,
+    OWN_NODE_MAX_MESSAGE_BYTES,
     PROJECT,
     basic_auth,
     client_for,
@@ -40,7 +40,7 @@ from tests.conftest import (
     wait_for_count,
 )
 from tests.support.processes import Broker, connect_broker, running_worker, score_message
-from tests.support.rabbitmq_node import RabbitMQNode, rabbitmq_node
+from tests.support.rabbitmq_node import RabbitMQNode
 
 OTHER_ENTITY = "globex"
 OTHER_PROJECT = "elsewhere"
@@ -289,33 +289,19 @@ async def test_the_api_refuses_the_same_with_a_422_that_points_at_it(
 # Messages below the broker's max_message_size --------------------------------------------------
 
 
-NODE_MAX_MESSAGE_BYTES = 4 * MIB
 NEAR_MIB = 1_000_000  # a value that leaves a single score's body just under MAX_BODY_BYTES
 
 
-@pytest.fixture(scope="module")
-def own_node() -> Iterator[RabbitMQNode]:
-    """A node of this module's own: its max_message_size is lowered, which no test may do to
-    the machine's node."""
-    with rabbitmq_node() as node:
-        node.ctl_sync(
-            "eval", f"application:set_env(rabbit, max_message_size, {NODE_MAX_MESSAGE_BYTES})."
-        )
-        yield node
-
-
 @pytest.fixture
-async def small_broker(settings: Settings, own_node: RabbitMQNode) -> Settings:
-    """Settings on the own node, its queues emptied, the api told the broker's limit."""
-    on_node = settings.model_copy(
-        update={"amqp_url": own_node.amqp_url, "broker_max_message_bytes": NODE_MAX_MESSAGE_BYTES}
+def small_broker(settings: Settings, own_node: RabbitMQNode) -> Settings:
+    """Settings on the tests' own node, whose max_message_size is lowered (which no test may
+    do to the machine's node), the api told the broker's limit."""
+    return settings.model_copy(
+        update={
+            "amqp_url": own_node.amqp_url,
+            "broker_max_message_bytes": OWN_NODE_MAX_MESSAGE_BYTES,
+        }
     )
-    connection = await aio_pika.connect(on_node.amqp_url, timeout=10)
-    async with connection:
-        channel = await connection.channel()
-        for name in (QUEUE, DEAD_LETTER_QUEUE):
-            await channel.queue_delete(name)
-    return on_node
 
 
 def messages_confirmed() -> float:
