@@ -186,9 +186,12 @@ async def start_cli(
 
 
 def _write_and_close(fd: int, data: bytes) -> None:
+    """Write all of data to the pipe, unless the child closed its end first; close ours."""
     try:
-        with open(fd, "wb", closefd=False) as pipe, contextlib.suppress(BrokenPipeError):
-            pipe.write(data)
+        with contextlib.suppress(BrokenPipeError):
+            unwritten = memoryview(data)
+            while unwritten:
+                unwritten = unwritten[os.write(fd, unwritten) :]
     finally:
         os.close(fd)
 
