@@ -1,19 +1,23 @@
 """W&B's Weave SDK drives a running api and worker: create and read back at once, list
-(filtered, paged), delete."""
+(filtered, paged), delete.
+
+The SDK is imported by the tests, not by the module: importing it takes 0.7 s of CPU, which
+every pytest process that collects this module would spend, whether it runs these or not.
+"""
 
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 import pytest
-from weave.telemetry import trace_sentry
-from weave.trace_server_bindings.remote_http_trace_server import RemoteHTTPTraceServer
-from weave.vendor.weave_server_sdk import NotFoundError
 
 from shared.settings import Settings
 from tests.conftest import ENTITY, PROJECT
 from tests.support.processes import api_process, worker_process
+
+if TYPE_CHECKING:
+    from weave.trace_server_bindings.remote_http_trace_server import RemoteHTTPTraceServer
 
 PROJECT_ID = f"{ENTITY}/{PROJECT}"
 SCORER = f"weave:///{ENTITY}/{PROJECT}/op/exact_match:abc123"
@@ -28,7 +32,7 @@ async def _sdk(call: Callable[[Mapping[str, Any]], T], **request: Any) -> T:
     return await asyncio.to_thread(call, {"project_id": PROJECT_ID, **request})
 
 
-async def _list_ids(server: RemoteHTTPTraceServer, **request: Any) -> list[str]:
+async def _list_ids(server: "RemoteHTTPTraceServer", **request: Any) -> list[str]:
     listed = await asyncio.to_thread(
         lambda: list(server.score_list({"project_id": PROJECT_ID, **request}))
     )
@@ -36,6 +40,8 @@ async def _list_ids(server: RemoteHTTPTraceServer, **request: Any) -> list[str]:
 
 
 def test_the_sdk_sends_no_error_reports() -> None:
+    from weave.telemetry import trace_sentry
+
     # tests/e2e/conftest.py turns reporting off; with it on, the SDK has a Sentry scope.
     assert trace_sentry.global_trace_sentry.scope is None
 
@@ -43,6 +49,9 @@ def test_the_sdk_sends_no_error_reports() -> None:
 async def test_create_read_list_and_delete_through_the_weave_sdk(
     settings: Settings, api_key: str, db: asyncpg.Connection
 ) -> None:
+    from weave.trace_server_bindings.remote_http_trace_server import RemoteHTTPTraceServer
+    from weave.vendor.weave_server_sdk import NotFoundError
+
     key_id = api_key.split("_")[1]
     async with worker_process(settings), api_process(settings) as api:
         await api.wait_until_ready()
