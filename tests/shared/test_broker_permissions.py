@@ -68,6 +68,10 @@ API_USER, WORKER_USER, PUBLISHER_USER = (
 )
 COUNT_SCORES = "SELECT count(*) FROM scores"
 
+# One pytest-xdist worker runs the module (`--dist loadgroup`), so its README users are made
+# once (twelve `rabbitmqctl` processes, 15 s of CPU), not once in each worker it lands on.
+pytestmark = pytest.mark.xdist_group("readme_users")
+
 
 def readme_commands() -> list[list[str]]:
     """The `rabbitmqctl` lines of the README's trust model, split as the shell splits them."""
