@@ -219,7 +219,7 @@ def booting_node() -> Iterator[RabbitMQNode]:
 @pytest.fixture
 def booted_node(booting_node: RabbitMQNode) -> RabbitMQNode:
     """The module's node, once it has booted."""
-    booting_node.wait_until_booted()
+    booting_node.wait_until_listening()
     return booting_node
 
 

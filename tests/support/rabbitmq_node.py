@@ -96,21 +96,6 @@ class RabbitMQNode:
         """Run `rabbitmqctl -n <node> args` without blocking the event loop; fail if it fails."""
         return await self._run("rabbitmqctl", *args)
 
-    def ctl_sync(self, *args: str) -> str:
-        """`ctl` for code that runs outside an event loop (booting and stopping)."""
-        try:
-            result = subprocess.run(
-                self.command("rabbitmqctl", *args),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                check=False,
-                timeout=CTL_TIMEOUT_SECONDS,
-            )
-        except subprocess.TimeoutExpired:
-            return self._checked(("rabbitmqctl", *args), None, b"")
-        return self._checked(("rabbitmqctl", *args), result.returncode, result.stdout)
-
     async def alarms(self) -> str:
         """The resource alarms in effect, as `rabbitmq-diagnostics alarms` lists them."""
         return await self._run("rabbitmq-diagnostics", "alarms")
@@ -138,33 +123,23 @@ class RabbitMQNode:
     async def start_app(self) -> None:
         """Start the application again and wait until it accepts AMQP connections."""
         await self.ctl("start_app")
-        await self.wait_until_listening()
+        await asyncio.to_thread(self.wait_until_listening)
         self.running = True
 
-    def wait_until_booted(self) -> None:
-        """Wait for the AMQP port: RabbitMQ opens its listeners last, once the node has booted.
-        (`rabbitmqctl await_startup` would say the same for a second of CPU.)"""
+    def wait_until_listening(self) -> None:
+        """Wait for the AMQP port; fail if rabbitmq-server exits first. RabbitMQ opens its
+        listeners last, once the node (or its application) has started: `rabbitmqctl
+        await_startup` would say the same for a second of CPU."""
         assert self.process is not None, "the node was never started"
         deadline = time.monotonic() + BOOT_TIMEOUT_SECONDS
         while not port_open("127.0.0.1", self.amqp_port):
             if self.process.poll() is not None:
-                raise self.failure(
-                    f"rabbitmq-server exited with {self.process.returncode} while booting"
-                )
+                raise self.failure(f"rabbitmq-server exited with {self.process.returncode}")
             if time.monotonic() > deadline:
                 raise self.failure(
                     f"did not accept AMQP connections within {BOOT_TIMEOUT_SECONDS}s"
                 )
             time.sleep(0.1)
-
-    async def wait_until_listening(self, timeout: float = BOOT_TIMEOUT_SECONDS) -> None:
-        """Poll the AMQP port until it accepts connections."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not await asyncio.to_thread(port_open, "127.0.0.1", self.amqp_port):
-            if loop.time() > deadline:
-                raise self.failure(f"not listening on {self.amqp_port} within {timeout}s")
-            await asyncio.sleep(0.1)
 
     def failure(self, what: str) -> RabbitMQNodeError:
         """An assertion error about this node, with the tail of its logs."""
@@ -225,7 +200,7 @@ def rabbitmq_node(
     Its one vhost is `vhost` (RabbitMQ's default_vhost, where guest may do anything). With
     tls, it also listens for AMQP over TLS (`amqps_url`); max_message_bytes lowers RabbitMQ's
     max_message_size (128 MiB by default). With booted False it is yielded
-    as soon as it is started, to boot while other work goes on; `wait_until_booted` waits.
+    as soon as it is started, to boot while other work goes on; `wait_until_listening` waits.
 
     Synchronous, so that a module-scoped fixture can share one node (booting takes 5-10 s);
     the node's own methods are async, so that controlling it never stalls a test's event
@@ -263,7 +238,7 @@ def rabbitmq_node(
             )
         node.process = process
         if booted:
-            node.wait_until_booted()
+            node.wait_until_listening()
         yield node
     finally:
         if process is not None:
