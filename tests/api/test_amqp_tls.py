@@ -72,7 +72,6 @@ async def test_the_api_and_the_worker_carry_a_score_over_tls(
         api_process(over_tls) as api,
         httpx.AsyncClient(base_url=api.base_url, timeout=10) as client,
     ):
-        await api.wait_until_ready()
         response = await client.post(SCORES_PATH, json=score_body(), headers=basic_auth(api_key))
         assert response.status_code == 200, response.text
         score_id = uuid.UUID(response.json()["score_id"])
@@ -132,7 +131,10 @@ async def test_the_api_says_why_it_cannot_trust_the_broker_and_is_not_ready(
             "amqp_ca_file": pki.impostor.cert_file,
         }
     )
-    async with api_process(wrong_ca) as api, httpx.AsyncClient(base_url=api.base_url) as client:
+    async with (
+        api_process(wrong_ca, ready=False) as api,
+        httpx.AsyncClient(base_url=api.base_url) as client,
+    ):
         await api.process.wait_for_output(
             f"the TLS certificate of the broker at 127.0.0.1:{own_node.amqps_port} is not trusted"
             " (self-signed certificate in certificate chain): AMQP_CA_FILE must hold the CA"

@@ -233,7 +233,7 @@ async def test_the_api_started_while_the_broker_is_unreachable_answers_503_until
         unreachable = settings.model_copy(update={"amqp_url": proxy.url_through(settings.amqp_url)})
         # api_process returns only once the app serves, so a start-up that hangs fails here.
         async with (
-            api_process(unreachable) as api,
+            api_process(unreachable, ready=False) as api,
             httpx.AsyncClient(base_url=api.base_url, timeout=10) as client,
         ):
             scores = ScoreClient(client, api_key)

@@ -61,7 +61,6 @@ async def test_two_apis_together_hold_a_key_to_its_quota(
     entity = f"quota-{secrets.token_hex(4)}"
     replicas = settings.model_copy(update={"api_replicas": 2})
     async with api_process(replicas) as first, api_process(replicas) as second:
-        await asyncio.gather(first.wait_until_ready(), second.wait_until_ready())
         _, key = await create_key(db, entity, quota=QUOTA)
 
         accepted, elapsed = await _window([first, second], key, entity)

@@ -274,7 +274,6 @@ async def test_create_then_read_under_load(settings: Settings, api_key: str) -> 
             update={"database_url": slow_link.url_through(settings.database_url)}
         )
         async with worker_process(slow_worker), api_process(loaded) as api:
-            await api.wait_until_ready()
             limits = httpx.Limits(max_connections=LOAD_PAIRS)
             async with httpx.AsyncClient(
                 base_url=api.base_url, limits=limits, timeout=60

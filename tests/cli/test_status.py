@@ -79,7 +79,6 @@ async def test_status_of_a_running_stack_then_a_dead_letter_then_a_backlog_witho
     # Unsharded: the oldest unstored score's bound holds with one persist queue only.
     settings = settings.model_copy(update={"queue_shards": 0})
     async with connect_broker(settings) as broker, api_process(settings) as api:
-        await api.wait_until_ready()
         async with worker_process(settings) as worker:
             worker_url = health_url(worker)
             await post_scores(api.base_url, api_key, 3)
@@ -155,7 +154,6 @@ async def test_status_lists_every_shard_and_knows_no_age_bound_while_shards_hold
     settings = settings.model_copy(update={"queue_shards": 3})
     shard = shard_queue(shard_of(ENTITY, PROJECT, 3))
     async with connect_broker(settings) as broker, api_process(settings) as api:
-        await api.wait_until_ready()
         await post_scores(api.base_url, api_key, 2)
         assert await broker.wait_for_ready_count(shard, 2) == 2
         code, found = await status_json(settings, "--api", api.base_url)

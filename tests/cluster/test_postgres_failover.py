@@ -165,7 +165,6 @@ async def test_api_worker_and_cli_follow_the_primary(
         worker_process(settings),
         httpx.AsyncClient(base_url=api.base_url, timeout=10) as http,
     ):
-        await api.wait_until_ready()
         clients = Clients(http, basic_auth(secret))
         posting = [asyncio.create_task(clients.run(n)) for n in range(CLIENTS)]
         try:
@@ -229,7 +228,6 @@ async def test_a_primary_that_takes_no_writes_is_unavailable_not_a_bad_score(
         httpx.AsyncClient(base_url=api.base_url, timeout=10) as http,
         _connection(any_server) as admin,
     ):
-        await api.wait_until_ready()
         clients = Clients(http, headers)
         before = _request(0, 1)
         accepted = [await clients.post_until_accepted(before)]

@@ -60,7 +60,6 @@ async def test_api_worker_and_cli_over_tls(
         worker_process(settings),
         httpx.AsyncClient(base_url=api.base_url, timeout=10) as http,
     ):
-        await api.wait_until_ready()
         scores = f"/v2/{ENTITY}/{PROJECT}/scores"
         posted = await http.post(scores, json=score_body(), headers=headers)
         assert posted.status_code == 200, posted.text

@@ -164,8 +164,6 @@ async def test_apis_answer_200_through_a_partition_of_the_leader_before_the_heal
         httpx.AsyncClient(base_url=api_on_leader.base_url, timeout=30) as to_leader,
         httpx.AsyncClient(base_url=api_stuck.base_url, timeout=30) as to_stuck,
     ):
-        await api_on_leader.wait_until_ready()
-        await api_stuck.wait_until_ready()
         clients = [
             asyncio.create_task(
                 _post_until_stopped(to_leader, api_key, answers["on the leader"], f"l{n}", stop)

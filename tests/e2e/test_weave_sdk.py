@@ -54,7 +54,6 @@ async def test_create_read_list_and_delete_through_the_weave_sdk(
 
     key_id = api_key.split("_")[1]
     async with worker_process(settings), api_process(settings) as api:
-        await api.wait_until_ready()
         server = RemoteHTTPTraceServer(api.base_url, password=api_key)
 
         ids = []

@@ -321,7 +321,6 @@ async def test_the_api_logs_json_lines_and_never_the_key(settings: Settings, api
         (basic_auth(api_key), score_body(scorer="not a ref"), 422),
     ]
     async with api_process(debug_settings) as api:
-        await api.wait_until_ready()
         async with httpx.AsyncClient(base_url=api.base_url, timeout=10) as client:
             for headers, body, status in requests:
                 response = await client.post(path, json=body, headers=headers)

@@ -375,13 +375,19 @@ class ApiProcess:
 
 
 @contextlib.asynccontextmanager
-async def api_process(settings: Settings) -> AsyncIterator[ApiProcess]:
-    """`score-ingest api` on a free port, yielded once it serves /openapi.json."""
+async def api_process(settings: Settings, *, ready: bool = True) -> AsyncIterator[ApiProcess]:
+    """`score-ingest api` on a free port, yielded once /readyz answers 200.
+
+    With `ready=False` it is yielded once it serves /openapi.json, for tests of an api whose
+    broker is out of reach.
+    """
     port = free_port()
     async with CliProcess("api", ["api", "--port", str(port)], settings) as process:
-        base_url = f"http://127.0.0.1:{port}"
-        await _wait_until_serving(process, base_url)
-        yield ApiProcess(process, base_url)
+        api = ApiProcess(process, f"http://127.0.0.1:{port}")
+        await _wait_until_serving(process, api.base_url)
+        if ready:
+            await api.wait_until_ready()
+        yield api
 
 
 async def _wait_until_serving(process: CliProcess, base_url: str) -> None:
