@@ -204,21 +204,22 @@ async def test_read_never_leaks_a_score_of_another_project_or_entity(
     theirs = await _create(client, globex_key, entity=OTHER_ENTITY, project=PROJECT)
     await _wait_stored(db, [ours, theirs])
 
+    async def read(url: str, key: str) -> httpx.Response:
+        # The ids are recent, so a read of one not in the project waits before its 404; a
+        # short wait, not READ_WAIT_SECONDS, and what it finds after waiting is tested too.
+        return await client.get(url, params={"wait_ms": 200}, headers=basic_auth(key))
+
     # Same entity, other project: the key may read there, but the score is not there.
-    response = await client.get(
-        f"{_url(project=OTHER_PROJECT)}/{ours}", headers=basic_auth(api_key)
-    )
+    response = await read(f"{_url(project=OTHER_PROJECT)}/{ours}", api_key)
     assert response.status_code == 404, response.text
     # Another entity's score, asked for under our own project, and under another of theirs.
-    response = await client.get(f"{_url()}/{theirs}", headers=basic_auth(api_key))
+    response = await read(f"{_url()}/{theirs}", api_key)
     assert response.status_code == 404, response.text
-    response = await client.get(
-        f"{_url(OTHER_ENTITY, OTHER_PROJECT)}/{theirs}", headers=basic_auth(globex_key)
-    )
+    response = await read(f"{_url(OTHER_ENTITY, OTHER_PROJECT)}/{theirs}", globex_key)
     assert response.status_code == 404, response.text
     # Where they are stored, both are readable.
     for url, key in ((f"{_url()}/{ours}", api_key), (f"{_url(OTHER_ENTITY)}/{theirs}", globex_key)):
-        response = await client.get(url, headers=basic_auth(key))
+        response = await read(url, key)
         assert response.status_code == 200, response.text
 
 
