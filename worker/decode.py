@@ -145,6 +145,15 @@ def _zoned_time(value: Any) -> datetime:
     return parsed
 
 
+def _uuid_text(value: Any) -> str:
+    # As pydantic serialises a UUID: 36 characters, lower case. PostgreSQL would take other
+    # forms too, but the ids the worker announces (shared/stored_events.py) must be in this
+    # one, the form the apis wait for; any other is validated in full.
+    if type(value) is str and len(value) == 36 and value.islower():
+        return value
+    raise ValueError("not a UUID in the form the api publishes")
+
+
 def _parser(field: ScoreField) -> Callable[[Any], Any]:
     """How a field of a parsed body becomes its row value, raising TypeError or ValueError
     when it has a type its column does not take."""
@@ -152,7 +161,9 @@ def _parser(field: ScoreField) -> Callable[[Any], Any]:
         return _json_text
     if field.kind is Kind.TIME:
         return _zoned_time
-    # A UUID stays the text the api published: asyncpg encodes it from that.
+    if field.kind is Kind.UUID and not field.optional:
+        # The text the api published: asyncpg encodes it from that.
+        return _uuid_text
     return _optional_text if field.optional else _text
 
 

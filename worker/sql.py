@@ -1,7 +1,7 @@
 """Every SQL statement the worker runs."""
 
 from shared.score_fields import SCORE_FIELDS, Kind, ScoreField
-from shared.stored_events import CHANNEL, IDS_PER_NOTIFY, SEPARATOR
+from shared.stored_events import CHANNEL
 
 # Shared per-project locks: inserts run side by side, while a delete in the same project
 # (which takes the lock exclusively, see api/sql.py) waits for them and they for it, so a
@@ -51,15 +51,10 @@ SELECT entity, created_at, count(*)::int AS scores FROM stored GROUP BY entity, 
 """
 
 # The apis' waiting reads hear of settled ids through NOTIFY, sent at commit
-# (shared/stored_events.py): the ids in chunks that fit NOTIFY's 8000 bytes, one statement.
-ANNOUNCE_SETTLED = f"""
-SELECT count(pg_notify('{CHANNEL}', chunk))
-FROM (
-    SELECT string_agg(ids.score_id::text, '{SEPARATOR}' ORDER BY ids.n) AS chunk
-    FROM unnest($1::uuid[]) WITH ORDINALITY AS ids (score_id, n)
-    GROUP BY (ids.n - 1) / {IDS_PER_NOTIFY}
-) AS chunks
-"""
+# (shared/stored_events.py): one notification per payload, in one statement.
+ANNOUNCE_SETTLED = (
+    f"SELECT count(pg_notify('{CHANNEL}', payload)) FROM unnest($1::text[]) AS payload"
+)
 
 # Why scores were refused, one row each, for GET .../scores/{score_id}/status.
 INSERT_FAILURES = """

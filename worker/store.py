@@ -10,6 +10,7 @@ from typing import NamedTuple
 import asyncpg
 
 from shared.score_fields import FIELD_NAMES
+from shared.stored_events import payloads
 from worker import sql
 from worker._metrics import observe_accept_to_stored
 from worker.decode import ScoreRow
@@ -73,7 +74,7 @@ class ScoreStore:
                     sql.INSERT_SCORES, *columns, timeout=_INSERT_TIMEOUT_SECONDS
                 )
                 # Every id of the batch is settled at commit, stored now or before, or deleted.
-                await conn.execute(sql.ANNOUNCE_SETTLED, columns[_SCORE_ID])
+                await conn.execute(sql.ANNOUNCE_SETTLED, payloads(columns[_SCORE_ID]))
         except _DATA_ERRORS as exc:
             raise StorageRejected(str(exc)) from exc
         try:
@@ -98,7 +99,9 @@ class ScoreStore:
                 detail,
                 timeout=_FAILURE_TIMEOUT_SECONDS,
             )
-            await conn.execute(sql.ANNOUNCE_SETTLED, ids, timeout=_FAILURE_TIMEOUT_SECONDS)
+            await conn.execute(
+                sql.ANNOUNCE_SETTLED, payloads(ids), timeout=_FAILURE_TIMEOUT_SECONDS
+            )
 
     async def purge_failures(self, older_than_seconds: float, chunk: int = 10_000) -> int:
         """Forget refusals older than the retention period; returns how many."""

@@ -17,6 +17,7 @@ from shared.contract import BATCH_MESSAGE_TYPE, CONTENT_TYPE, MESSAGE_TYPE
 from shared.ids import new_score_id
 from shared.settings import Settings
 from shared.stored_events import CHANNEL, settled_ids
+from shared.topology import API_EXCHANGE
 from tests.conftest import ENTITY, PROJECT, wait_for_count
 from tests.support.processes import connect_broker, running_worker, score_message, wait_until
 from worker import _metrics
@@ -82,6 +83,24 @@ async def test_a_stored_batch_of_500_is_announced_in_notifications_that_fit(
         stored = await db.fetchval("SELECT count(*) FROM scores")
     assert sorted(heard) == sorted(str(score.score_id) for score in scores)
     assert stored == 500
+
+
+async def test_ids_in_other_forms_are_announced_in_the_form_the_apis_wait_for(
+    settings: Settings, announcements: asyncio.Queue[str]
+) -> None:
+    # PostgreSQL takes these forms too; the apis wait for the canonical one (lower case).
+    scores = [score_message() for _ in range(3)]
+    upper, braced, plain = (json.loads(score.model_dump_json()) for score in scores)
+    upper["score_id"] = upper["score_id"].upper()
+    braced["score_id"] = "{" + braced["score_id"] + "}"
+    async with connect_broker(settings) as broker, running_worker(settings):
+        # Through the api's exchange, as through the public one, they are validated in full.
+        await broker.publish(
+            [_message({"scores": [upper, plain]}, BATCH_MESSAGE_TYPE)], API_EXCHANGE
+        )
+        await broker.publish([_message(braced)])
+        heard = await _heard_ids(announcements, 3)
+    assert sorted(heard) == sorted(str(score.score_id) for score in scores)
 
 
 async def test_a_refused_score_is_recorded_and_announced(

@@ -562,10 +562,14 @@ async def test_misshapen_messages_through_the_api_exchange_are_validated_in_full
 ) -> None:
     no_run = without("evaluation_run_id", score_fields(prediction_id="no-run"))
     reordered = dict(reversed(score_fields(prediction_id="reordered").items()))
-    # Not in the api's shape (the optional field left out), or in another order: the cheap
-    # decode declines the first and reads the second by name; both are valid, so stored.
+    upper = score_fields(prediction_id="upper-case-id")
+    upper["score_id"] = upper["score_id"].upper()
+    # Not in the api's shape (the optional field left out, an id in upper case), or in
+    # another order: the cheap decode declines the first two and reads the third by name;
+    # all are valid, so stored.
     stored_messages = [
         message("without-optional-field", api_body(no_run)),
+        message("score-id-in-upper-case", api_body(upper)),
         message("fields-reordered", api_body(reordered)),
     ]
     poisons = [
@@ -620,12 +624,12 @@ async def test_misshapen_messages_through_the_api_exchange_are_validated_in_full
             "score.delete.v1",
         ),
     ]
-    burst = [*stored_messages[:1], *(poison for poison, _, _ in poisons), *stored_messages[1:]]
+    burst = [*stored_messages[:2], *(poison for poison, _, _ in poisons), *stored_messages[2:]]
     async with connect_broker(settings) as broker:
         await broker.publish(burst, API_EXCHANGE)
         before = decoded_so_far()
         async with running_worker(collecting(settings)) as worker:
-            assert await wait_for_count(db, COUNT_SCORES, 2) == 2
+            assert await wait_for_count(db, COUNT_SCORES, 3) == 3
             dead = await assert_dead_letters(
                 broker,
                 {
@@ -633,13 +637,13 @@ async def test_misshapen_messages_through_the_api_exchange_are_validated_in_full
                     for poison, reason, needle in poisons
                 },
             )
-            await wait_until(lambda: worker.persisted == 2, "all counted")
+            await wait_until(lambda: worker.persisted == 3, "all counted")
         # The reordered one took the cheap decode; all others but the two refused for their
         # properties were validated.
         assert decoded_since(before) == Checks(api_exchange=1, validation=len(burst) - 3)
         await broker.assert_stays_empty(QUEUE)
 
-    assert await stored_ids(db) == ids_in(no_run, reordered)
+    assert await stored_ids(db) == ids_in(no_run, reordered) | {upper["score_id"].lower()}
     assert await db.fetchval(
         "SELECT evaluation_run_id IS NULL FROM scores WHERE prediction_id = 'no-run'"
     )
@@ -654,11 +658,13 @@ async def test_messages_postgresql_refuses_are_dead_lettered_and_batch_mates_sto
     settings: Settings, db: asyncpg.Connection
 ) -> None:
     refused_batch = [score_fields() for _ in range(5)]
-    refused_batch[2]["score_id"] = "nope"
+    # In the api's form (36 characters, lower case), so decoded cheaply, but no UUID.
+    not_a_uuid = "zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"
+    refused_batch[2]["score_id"] = not_a_uuid
     nan_body = api_body(score_fields(value={"x": 1.5})).replace(b"1.5", b"NaN")
     assert b"NaN" in nan_body
     refusals = [
-        ("score-id-not-a-uuid", api_body(score_fields(score_id="not-a-uuid")), MESSAGE_TYPE),
+        ("score-id-not-a-uuid", api_body(score_fields(score_id=not_a_uuid)), MESSAGE_TYPE),
         ("nul-in-prediction-id", api_body(score_fields(prediction_id="p\u0000")), MESSAGE_TYPE),
         ("nul-in-value", api_body(score_fields(value={"t": "a\u0000b"})), MESSAGE_TYPE),
         ("nan-value", nan_body, MESSAGE_TYPE),
