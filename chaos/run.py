@@ -134,8 +134,6 @@ async def run_chaos(
                 await processes.enter_async_context(_logged(api_process(each), log))
                 for each in settings
             ]
-            for api in apis:
-                await api.wait_until_ready()
 
             async def start_worker(k: int) -> CliProcess:
                 return await processes.enter_async_context(

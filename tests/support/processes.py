@@ -365,18 +365,12 @@ class ApiProcess:
         The api serves before its publisher has connected (a TLS handshake takes a while
         on a busy machine); until then a create is answered 503.
         """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=2) as client:
-            while (response := await client.get("/readyz")).status_code != 200:
-                if loop.time() > deadline:
-                    raise self.process.failure(f"not ready within {timeout}s: {response.text}")
-                await asyncio.sleep(0.05)
+        await _wait_until_answered(self.process, self.base_url, "/readyz", timeout)
 
 
 @contextlib.asynccontextmanager
 async def api_process(settings: Settings, *, ready: bool = True) -> AsyncIterator[ApiProcess]:
-    """`score-ingest api` on a free port, yielded once /readyz answers 200.
+    """`score-ingest api` on a free port, yielded once it is ready (ApiProcess.wait_until_ready).
 
     With `ready=False` it is yielded once it serves /openapi.json, for tests of an api whose
     broker is out of reach.
@@ -384,27 +378,32 @@ async def api_process(settings: Settings, *, ready: bool = True) -> AsyncIterato
     port = free_port()
     async with CliProcess("api", ["api", "--port", str(port)], settings) as process:
         api = ApiProcess(process, f"http://127.0.0.1:{port}")
-        await _wait_until_serving(process, api.base_url)
+        await _wait_until_answered(process, api.base_url, "/openapi.json")
         if ready:
             await api.wait_until_ready()
         yield api
 
 
-async def _wait_until_serving(process: CliProcess, base_url: str) -> None:
+async def _wait_until_answered(
+    process: CliProcess, base_url: str, path: str, timeout: float = START_TIMEOUT_SECONDS
+) -> None:
+    """Wait until the api answers path with 200; fail if it exits first, or takes longer
+    than timeout."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + START_TIMEOUT_SECONDS
+    deadline = loop.time() + timeout
+    last = "no answer"
     async with httpx.AsyncClient(base_url=base_url, timeout=2) as client:
         while True:
             if process.returncode is not None:
-                raise process.failure(f"exited with {process.returncode} before serving")
+                raise process.failure(f"exited with {process.returncode} before {path} was 200")
             with contextlib.suppress(httpx.TransportError):
-                if (await client.get("/openapi.json")).status_code == 200:
+                response = await client.get(path)
+                if response.status_code == 200:
                     return
+                last = f"{response.status_code} {response.text}"
             if loop.time() > deadline:
-                raise process.failure(
-                    f"did not serve /openapi.json within {START_TIMEOUT_SECONDS}s"
-                )
-            await asyncio.sleep(0.1)
+                raise process.failure(f"{path} not 200 within {timeout}s: {last}")
+            await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
